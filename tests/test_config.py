@@ -1,0 +1,36 @@
+import pytest
+from pydantic import Field
+
+from emsynth.config import StrictModel, load_config
+from emsynth.errors import EmsynthError
+
+
+class Train(StrictModel):
+    steps: int = 10
+    lr: float = 1e-3
+
+
+class Cfg(StrictModel):
+    name: str = "x"
+    train: Train = Field(default_factory=Train)
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: run\ntrain:\n  steps: 5\n")
+    cfg = load_config(Cfg, p, ["train.lr=0.5"])
+    assert cfg.name == "run" and cfg.train.steps == 5 and cfg.train.lr == 0.5
+
+
+def test_unknown_key_names_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  stepz: 5\n")
+    with pytest.raises(EmsynthError, match="unknown config key 'train.stepz'"):
+        load_config(Cfg, p)
+
+
+def test_bad_value_and_bad_override(tmp_path):
+    with pytest.raises(EmsynthError, match="train.steps"):
+        load_config(Cfg, None, ["train.steps=many"])
+    with pytest.raises(EmsynthError, match="key=value"):
+        load_config(Cfg, None, ["train.steps"])
