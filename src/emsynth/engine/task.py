@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,15 +23,24 @@ class StepContext:
     """What the engine hands a task: where to run and how.
 
     autocast: a zero-argument factory returning the autocast context for forward passes
-    (bf16 on CPU, fp16/bf16 AMP on CUDA, or a null context for fp32).
-    wrap: wraps a module for data parallelism (DistributedDataParallel) or returns it as is.
+    (bf16 autocast on CPU and bf16-capable GPUs, or a null context for fp32).
+    wrap: wraps a module for data parallelism (DistributedDataParallel) or returns it as is;
+    keyword arguments go to DDP (e.g. `find_unused_parameters=True` for a GAN discriminator
+    whose parameters are frozen during the generator step).
+    precision: the resolved precision, "bf16" or "fp32".
     """
 
     device: torch.device
     autocast: Callable[[], contextlib.AbstractContextManager]
-    wrap: Callable[[nn.Module], nn.Module]
+    wrap: Callable[..., nn.Module]
     rank: int = 0
     world_size: int = 1
+    precision: str = "fp32"
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process (rank 0) writes files."""
+        return self.rank == 0
 
 
 class Task(ABC):
@@ -44,6 +54,13 @@ class Task(ABC):
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
     schedulers: dict[str, Any]
+    # Images per step on one process; when set, the progress bar also shows images/s.
+    batch_size: int | None = None
+
+    def task_config(self) -> dict[str, Any]:
+        """JSON-able settings that define the model (architecture, losses, data); recorded in
+        config.yaml/run.json, and resuming a checkpoint written with other settings is refused."""
+        return {}
 
     @abstractmethod
     def setup(self, ctx: StepContext) -> None:
@@ -58,15 +75,21 @@ class Task(ABC):
         """Forward, backward and optimiser step(s) on one batch; return scalar losses."""
 
     def validate(self, ctx: StepContext) -> dict[str, float]:
-        """Validation metrics (run every `val_every` steps and at the end); none by default."""
+        """Validation metrics (every `val_every` steps and at the end); none by default.
+
+        Runs on every rank under torch.no_grad, with the RNG states and the modules' train/eval
+        modes saved and restored around it; use `emsynth.engine.unwrap(module)` to skip DDP."""
         return {}
 
     def log_images(self, step: int, writer: Any, out_dir: Any) -> None:
-        """Write image grids (TensorBoard `writer`, PNGs in `out_dir`); nothing by default."""
+        """Write image grids (TensorBoard `writer`, PNGs in `out_dir`); nothing by default.
+
+        Rank 0 only (call `unwrap(module)`: a DDP forward on one rank alone can hang), isolated
+        like `validate`."""
 
     def extra_state(self) -> dict[str, Any]:
         """Task state beyond modules/optimisers/schedulers to checkpoint (tensors, numbers)."""
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore what `extra_state` returned (called on resume, after `setup`)."""

@@ -1,0 +1,94 @@
+"""What a run records about itself (run.json, config.yaml), so a result can be traced to its code,
+settings, software and machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import emsynth
+from emsynth.io import atomic_write_text
+
+RUN_JSON = "run.json"
+CONFIG_YAML = "config.yaml"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of Python and the libraries whose behaviour shapes the results."""
+    found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("monai", "numpy", "emsynth"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def git_state() -> dict[str, Any]:
+    """Commit and dirty flag of the emsynth source checkout; nulls where there is no git
+    (installed package, no git binary, not a repository)."""
+    package_dir = Path(emsynth.__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(package_dir), *args],
+                capture_output=True, text=True, timeout=10, check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    # Only trust the repository that holds this source tree (not one the venv happens to sit in).
+    if top is None or Path(top).resolve() / "src" / "emsynth" != package_dir:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def host_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def read_run_json(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / RUN_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_run_json(run_dir: Path, record: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / RUN_JSON, json.dumps(record, indent=2, default=str) + "\n")
+
+
+def write_config_yaml(run_dir: Path, engine_config: dict, task_config: dict) -> None:
+    text = yaml.safe_dump({"engine": engine_config, "task": task_config}, sort_keys=False)
+    atomic_write_text(run_dir / CONFIG_YAML, text)
+
+
+def command_line() -> list[str]:
+    return list(sys.argv)
