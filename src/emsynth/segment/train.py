@@ -1,0 +1,119 @@
+"""Training a segmenter end to end: split a volume, run the engine, choose the threshold, export.
+
+The exported model lands in `run_dir/model` (see `emsynth.segment.model`) and the final
+validation scores in `run_dir/final_metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emsynth.data.volume import Volume
+from emsynth.engine.trainer import train
+from emsynth.errors import EmsynthError
+from emsynth.io import atomic_write_text
+from emsynth.segment.config import SegmentConfig
+from emsynth.segment.sampling import SegmentData, parse_slices, segment_data
+from emsynth.segment.task import SegmentTask
+
+MODEL_DIR = "model"
+FINAL_METRICS = "final_metrics.json"
+
+
+@dataclass
+class SliceSplit:
+    train: list[int]
+    val: list[int]
+
+
+def resolve_split(cfg: SegmentConfig, n_slices: int) -> SliceSplit:
+    """Train/val slice indices from the data config (val: a contiguous block, never interleaved)."""
+    d = cfg.data
+    if d.val_slices is not None:
+        val = parse_slices(d.val_slices, n_slices, "validation slices")
+    elif d.val_block:
+        if d.val_block >= n_slices:
+            raise EmsynthError(
+                f"data.val_block={d.val_block} leaves no training slices in a {n_slices}-slice "
+                "volume. Fix: lower data.val_block or pass --val-slices"
+            )
+        val = list(range(n_slices - d.val_block, n_slices))
+    else:
+        val = []
+    if d.train_slices is not None:
+        train_idx = parse_slices(d.train_slices, n_slices, "training slices")
+    else:
+        train_idx = [i for i in range(n_slices) if i not in set(val)]
+    overlap = sorted(set(train_idx) & set(val))
+    if overlap:
+        raise EmsynthError(
+            f"slice {overlap[0]} is in both the training and the validation slices. Fix: make "
+            "--train-slices and --val-slices disjoint"
+        )
+    if val and val != list(range(val[0], val[-1] + 1)):
+        raise EmsynthError(
+            f"validation slices {d.val_slices!r} are not one contiguous block. Fix: give a range "
+            "such as 145-164 (neighbouring slices are near-duplicates, so interleaving leaks)"
+        )
+    return SliceSplit(train=train_idx, val=val)
+
+
+def train_segmenter(
+    cfg: SegmentConfig,
+    volume: Volume,
+    run_dir: str | Path,
+    resume: bool = True,
+    meta: dict | None = None,
+) -> dict[str, Any]:
+    """Split `volume` per cfg.data (train slices, contiguous val block) and `fit` on it."""
+    split = resolve_split(cfg, len(volume))
+    train_data = segment_data(volume.select(split.train), cfg.data.inputs, cfg.data.target)
+    val_data = None
+    if split.val:
+        val_data = segment_data(volume.select(split.val), cfg.data.inputs, cfg.data.target)
+    info = {"source": volume.source, "train_slices": split.train, "val_slices": split.val}
+    return fit(cfg, train_data, val_data, run_dir, resume, {**info, **(meta or {})})
+
+
+def fit(
+    cfg: SegmentConfig,
+    train_data: SegmentData,
+    val_data: SegmentData | None,
+    run_dir: str | Path,
+    resume: bool = True,
+    meta: dict | None = None,
+) -> dict[str, Any]:
+    """Train with the engine, export the model to run_dir/model; returns the metrics.
+
+    The returned dict holds the engine's result plus `final` (validation scores of the exported
+    model, with test-time augmentation when cfg.infer.tta, which also re-chooses the threshold
+    on those probabilities) and `threshold`. Only the main process exports.
+    """
+    run_dir = Path(run_dir)
+    task = SegmentTask(cfg, train_data, val_data)
+    result = train(task, cfg.engine, run_dir, resume=resume)
+    ctx = task.ctx
+    final: dict[str, float] = {}
+    if ctx is not None and not ctx.is_main:
+        return {**result, "final": final, "threshold": task.threshold}
+    if val_data is not None and ctx is not None:
+        if cfg.infer.tta:
+            final = task.evaluate(ctx, tta=True)
+        else:
+            final = {k.removeprefix("val/"): v for k, v in result.items() if k.startswith("val/")}
+    choice = task.threshold_choice
+    rule = choice.reason if choice else "fixed 0.5"
+    if choice is None and cfg.threshold.choose and val_data is not None:
+        rule = "restored from the checkpoint"
+    info = {**(meta or {}), "threshold_rule": rule, "final_validation": final}
+    task.segmenter(info).save(run_dir / MODEL_DIR)
+    record = {"final": final, "threshold": task.threshold, "engine": _plain(result)}
+    atomic_write_text(run_dir / FINAL_METRICS, json.dumps(record, indent=2))
+    return {**result, "final": final, "threshold": task.threshold}
+
+
+def _plain(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
