@@ -1,0 +1,5 @@
+"""Stage: the pix2pix conditional GAN that turns masks (mitochondria, membranes) into EM images.
+
+networks.py (U-Net generator, three-scale PatchGAN), losses.py, data.py (input encoding,
+paired crops), task.py (`GanTask` for the shared engine), train.py, cli.py (`emsynth gan`).
+"""

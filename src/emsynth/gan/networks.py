@@ -1,0 +1,205 @@
+"""pix2pix networks: the U-Net generator and the three-scale 70x70 PatchGAN discriminator.
+
+Generator (Isola et al. 2017, appendix 6.1): encoder C64-C128-C256-C512-C512-C512-C512-C512,
+decoder CD512-CD1024-CD1024-C1024-C1024-C512-C256-C128, where the decoder widths are the input
+widths of each transposed convolution (its own features concatenated with the encoder skip).
+All convolutions are 4x4 with stride 2, so 8 levels take a 256 input to a 1x1 bottleneck and
+any input side must be a multiple of 256. Following the paper's notation, dropout 0.5 sits in
+the first three decoder blocks (the reference code puts it in blocks 2-4; the difference is one
+block at 2x2 resolution). Normalisation is InstanceNorm without affine parameters, absent on
+the first encoder layer and on the innermost one (1x1 at 256 input, where it would zero the
+features), as in the pix2pix code.
+
+Discriminator: three PatchGANs C64-C128-C256-C512 (pix2pix n_layers=3, receptive field 70x70)
+that see the concatenated (masks, image) at full, 1/2 and 1/4 resolution, obtained by average
+pooling (the pix2pixHD multi-scale design). MONAI's `PatchDiscriminator` has exactly that layer
+layout (4x4 kernels, strides 2-2-2-1-1, no norm on the first layer) and returns every
+intermediate feature map, which feature matching needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import PatchDiscriminator
+from torch import nn
+
+from emsynth.errors import EmsynthError
+
+#: Encoder widths in units of ngf (C64-C128-C256-C512-C512-C512-C512-C512 at ngf=64).
+ENCODER_MULTIPLIERS = (1, 2, 4, 8, 8, 8, 8, 8)
+#: Decoder transposed-convolution input widths in units of ngf (CD512-...-C128 at ngf=64).
+DECODER_INPUT_MULTIPLIERS = (8, 16, 16, 16, 16, 8, 4, 2)
+#: How many decoder blocks (from the innermost) carry dropout: the three CD blocks.
+DROPOUT_BLOCKS = 3
+#: The generator's input side must be a multiple of this (2 ** number of stride-2 levels).
+SIDE_MULTIPLE = 2 ** len(ENCODER_MULTIPLIERS)
+
+
+#: On CPU, convolutions whose input map has at most this many pixels (16x16) run as one
+#: explicit matrix product (see `conv4s2_as_matmul`); at 32x32 the library kernel wins.
+SMALL_MAP_PIXELS = 256
+
+
+def conv4s2_as_matmul(x: torch.Tensor, conv: nn.Conv2d | nn.ConvTranspose2d) -> torch.Tensor:
+    """`conv(x)` for a 4x4, stride-2, padding-1 (transposed) convolution as im2col/col2im and
+    one matrix product: the same operation and parameters, another kernel.
+
+    Why: the inner U-Net levels (16x16 maps and below) hold the largest weights (up to
+    1024x512x4x4) but little arithmetic, and on CPU oneDNN re-lays out the whole weight on
+    every call, forward and backward: at ngf 64 the layers on maps of 8x8 and below took
+    about 30% of a training step. A matrix product reads the weight as it is.
+    """
+    n, c_in, h, w = x.shape
+    weight = conv.weight
+    if isinstance(conv, nn.ConvTranspose2d):  # weight (c_in, c_out, 4, 4)
+        # x^T W, not W^T x: a transposed weight view would make autocast's bf16 copy (and the
+        # gradient's) strided and several times slower.
+        cols = x.reshape(n, c_in, h * w).transpose(1, 2) @ weight.reshape(c_in, -1)
+        out = F.fold(cols.transpose(1, 2), (2 * h, 2 * w), 4, padding=1, stride=2)
+    else:  # weight (c_out, c_in, 4, 4)
+        cols = F.unfold(x, 4, padding=1, stride=2)
+        out = (weight.reshape(weight.shape[0], -1) @ cols).reshape(n, -1, h // 2, w // 2)
+    if conv.bias is not None:
+        out = out + conv.bias.reshape(1, -1, 1, 1).to(out.dtype)
+    return out
+
+
+class _Block(nn.Module):
+    """What encoder and decoder blocks share: the choice of convolution kernel."""
+
+    conv: nn.Conv2d | nn.ConvTranspose2d
+    #: Set False to always use the library convolution (the benchmark's textbook reference).
+    small_map_matmul = True
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        small = x.device.type == "cpu" and x.shape[-2] * x.shape[-1] <= SMALL_MAP_PIXELS
+        return conv4s2_as_matmul(x, self.conv) if small and self.small_map_matmul else self.conv(x)
+
+
+class _Down(_Block):
+    """Encoder block: [LeakyReLU 0.2] -> 4x4 stride-2 conv -> [InstanceNorm]."""
+
+    def __init__(self, c_in: int, c_out: int, *, act: bool, norm: bool) -> None:
+        super().__init__()
+        self.act = nn.LeakyReLU(0.2) if act else nn.Identity()
+        # A bias in front of an affine-free InstanceNorm is cancelled by it: leave it out.
+        self.conv = nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=not norm)
+        self.norm = nn.InstanceNorm2d(c_out) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self._convolve(self.act(x)))
+
+
+class _Up(_Block):
+    """Decoder block: ReLU -> 4x4 stride-2 transposed conv -> [InstanceNorm] -> [Dropout 0.5]."""
+
+    def __init__(self, c_in: int, c_out: int, *, norm: bool, dropout: bool) -> None:
+        super().__init__()
+        self.act = nn.ReLU()
+        self.conv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=not norm)
+        self.norm = nn.InstanceNorm2d(c_out) if norm else nn.Identity()
+        self.dropout = nn.Dropout(0.5) if dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.norm(self._convolve(self.act(x))))
+
+
+class UNetGenerator(nn.Module):
+    """Masks (N, in_channels, H, W) in [-1, 1] or [0, 1] -> EM image (N, 1, H, W) in [-1, 1].
+
+    Fully convolutional: any H, W that are multiples of 256 work in one pass (whole slices).
+    """
+
+    def __init__(self, in_channels: int = 2, out_channels: int = 1, ngf: int = 64) -> None:
+        super().__init__()
+        if in_channels < 1 or ngf < 1:
+            raise ValueError(f"in_channels and ngf must be >= 1, got {in_channels}, {ngf}")
+        self.in_channels = in_channels
+        self.ngf = ngf
+        enc_widths = [m * ngf for m in ENCODER_MULTIPLIERS]
+        n = len(enc_widths)
+        self.down = nn.ModuleList()
+        c_prev = in_channels
+        for i, c in enumerate(enc_widths):
+            outermost, innermost = i == 0, i == n - 1
+            self.down.append(_Down(c_prev, c, act=not outermost, norm=not (outermost or innermost)))
+            c_prev = c
+        # Decoder block j mirrors encoder level n-1-j and outputs that level's skip width,
+        # except the last, which outputs the image.
+        dec_in = [m * ngf for m in DECODER_INPUT_MULTIPLIERS]
+        dec_out = [enc_widths[n - 2 - j] for j in range(n - 1)] + [out_channels]
+        self.up = nn.ModuleList(
+            _Up(ci, co, norm=j < n - 1, dropout=j < DROPOUT_BLOCKS)
+            for j, (ci, co) in enumerate(zip(dec_in, dec_out))
+        )
+        self.out_act = nn.Tanh()
+        self.apply(_pix2pix_init)
+
+    def set_small_map_matmul(self, enabled: bool) -> None:
+        """Run small CPU maps as a matmul (default) or always through the library kernel."""
+        for block in [*self.down, *self.up]:
+            block.small_map_matmul = enabled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_side(x.shape[-2:])
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        skips.pop()  # the bottleneck is the decoder's input, not a skip
+        x = self.up[0](x)
+        for block in self.up[1:]:
+            x = block(torch.cat([x, skips.pop()], dim=1))
+        return self.out_act(x)
+
+
+def check_side(hw: tuple[int, ...] | torch.Size) -> None:
+    """Raise a user error unless both sides are positive multiples of 256."""
+    if any(s < SIDE_MULTIPLE or s % SIDE_MULTIPLE for s in hw):
+        raise EmsynthError(
+            f"generator input is {tuple(hw)} pixels; both sides must be multiples of "
+            f"{SIDE_MULTIPLE} (8 stride-2 levels). Fix: crop or pad to a multiple of "
+            f"{SIDE_MULTIPLE} (emsynth.synthesis pads whole slices for you)"
+        )
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """Three 70x70 PatchGANs on (masks, image) at full, 1/2 and 1/4 resolution.
+
+    forward returns, per scale, the list of feature maps of that PatchGAN (last = logits map).
+    norm: InstanceNorm (pix2pixHD; batch 1 makes BatchNorm moot); None only to expose the
+    convolutions' receptive field in tests (a norm couples every pixel through its statistics).
+    """
+
+    def __init__(self, in_channels: int, ndf: int = 64, n_scales: int = 3,
+                 norm: str | None = "INSTANCE") -> None:
+        super().__init__()
+        self.scales = nn.ModuleList(
+            PatchDiscriminator(
+                spatial_dims=2,
+                channels=ndf,
+                in_channels=in_channels,
+                num_layers_d=3,
+                kernel_size=4,
+                norm=norm,
+            )
+            for _ in range(n_scales)
+        )
+
+    def forward(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+        feats = []
+        for i, disc in enumerate(self.scales):
+            if i:
+                # pix2pixHD's downsampler: 3x3 average pool, stride 2, borders not counted.
+                x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
+            feats.append(disc(x))
+        return feats
+
+
+def _pix2pix_init(m: nn.Module) -> None:
+    """N(0, 0.02) weights and zero biases for convolutions, as in pix2pix."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,158 @@
+"""The pix2pix networks match the study's spec: widths, norms, dropout, receptive field, scales."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from emsynth.errors import EmsynthError
+from emsynth.gan.networks import MultiScaleDiscriminator, UNetGenerator, conv4s2_as_matmul
+
+SPEC_ENCODER = [64, 128, 256, 512, 512, 512, 512, 512]  # C64-C128-C256-C512-C512-C512-C512-C512
+SPEC_DECODER = [512, 1024, 1024, 1024, 1024, 512, 256, 128]  # CD512-CD1024-CD1024-C1024-...-C128
+SPEC_DROPOUT = [True, True, True, False, False, False, False, False]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU their spin-waits cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _layout(generator: UNetGenerator):
+    enc = [block.conv.out_channels for block in generator.down]
+    dec = [block.conv.in_channels for block in generator.up]
+    return enc, dec
+
+
+@pytest.mark.parametrize("ngf", [64, 8])
+def test_generator_widths_follow_the_spec(ngf):
+    g = UNetGenerator(in_channels=2, out_channels=1, ngf=ngf)
+    enc, dec = _layout(g)
+    assert enc == [w * ngf // 64 for w in SPEC_ENCODER]
+    assert dec == [w * ngf // 64 for w in SPEC_DECODER]
+    assert g.down[0].conv.in_channels == 2 and g.up[-1].conv.out_channels == 1
+    for block in [*g.down, *g.up]:
+        assert block.conv.kernel_size == (4, 4) and block.conv.stride == (2, 2)
+    assert all(isinstance(b.conv, nn.Conv2d) for b in g.down)
+    assert all(isinstance(b.conv, nn.ConvTranspose2d) for b in g.up)
+
+
+def test_generator_norms_activations_dropout():
+    g = UNetGenerator(in_channels=3, ngf=8)
+    has_norm = [isinstance(b.norm, nn.InstanceNorm2d) for b in g.down]
+    assert has_norm == [False, True, True, True, True, True, True, False]  # first and innermost
+    assert [isinstance(b.norm, nn.InstanceNorm2d) for b in g.up] == [True] * 7 + [False]
+    assert isinstance(g.down[0].act, nn.Identity)
+    assert all(isinstance(b.act, nn.LeakyReLU) and b.act.negative_slope == 0.2 for b in g.down[1:])
+    assert all(isinstance(b.act, nn.ReLU) for b in g.up)
+    dropout = [isinstance(b.dropout, nn.Dropout) and b.dropout.p == 0.5 for b in g.up]
+    assert dropout == SPEC_DROPOUT
+    assert isinstance(g.out_act, nn.Tanh)
+
+
+def test_generator_output_shape_range_and_bottleneck():
+    g = UNetGenerator(in_channels=2, ngf=8)
+    sizes = []
+    g.down[-1].register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:])))
+    x = torch.randint(0, 2, (2, 2, 256, 256)).float() * 2 - 1
+    y = g(x)
+    assert y.shape == (2, 1, 256, 256)
+    assert y.abs().max() <= 1.0 and y.std() > 0
+    assert sizes == [(1, 1)]  # 8 stride-2 levels: 256 -> 1
+    y = g(torch.zeros(1, 2, 256, 512))
+    assert y.shape == (1, 1, 256, 512) and sizes[-1] == (1, 2)
+
+
+@pytest.mark.parametrize("hw", [(250, 256), (256, 384), (128, 128)])
+def test_generator_rejects_sides_not_multiple_of_256(hw):
+    g = UNetGenerator(in_channels=2, ngf=4)
+    with pytest.raises(EmsynthError, match="multiples of 256"):
+        g(torch.zeros(1, 2, *hw))
+
+
+def test_patchgan_layout_is_c64_c128_c256_c512():
+    d = MultiScaleDiscriminator(in_channels=3, ndf=64)
+    assert len(d.scales) == 3
+    for patchgan in d.scales:
+        convs = [m for m in patchgan.modules() if isinstance(m, nn.Conv2d)]
+        assert [c.out_channels for c in convs] == [64, 128, 256, 512, 1]
+        assert [c.stride for c in convs] == [(2, 2)] * 3 + [(1, 1)] * 2
+        assert all(c.kernel_size == (4, 4) for c in convs)
+        norms = [m for m in patchgan.modules() if isinstance(m, nn.InstanceNorm2d)]
+        assert len(norms) == 3  # not on the first layer, not on the logits
+
+
+def _receptive_field_from_modules(patchgan: nn.Module) -> int:
+    field = 1
+    for conv in reversed([m for m in patchgan.modules() if isinstance(m, nn.Conv2d)]):
+        field = (field - 1) * conv.stride[0] + conv.kernel_size[0]
+    return field
+
+
+def test_patchgan_receptive_field_is_70():
+    torch.manual_seed(0)
+    d = MultiScaleDiscriminator(in_channels=3, ndf=8, n_scales=1, norm=None)
+    assert _receptive_field_from_modules(d.scales[0]) == 70
+    x = torch.randn(1, 3, 256, 256, requires_grad=True)
+    logits = d(x)[0][-1]
+    assert logits.shape[-2:] == (30, 30)
+    logits[0, 0, 15, 15].backward()
+    support = x.grad.abs().sum(dim=(0, 1)) > 0
+    rows = torch.nonzero(support.any(dim=1)).flatten()
+    cols = torch.nonzero(support.any(dim=0)).flatten()
+    assert rows.max() - rows.min() + 1 == 70
+    assert cols.max() - cols.min() + 1 == 70
+    assert support[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+
+
+def test_three_scales_see_full_half_quarter_resolution():
+    d = MultiScaleDiscriminator(in_channels=3, ndf=4)
+    seen = []
+    for patchgan in d.scales:
+        patchgan.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    feats = d(torch.randn(1, 3, 256, 256))
+    assert seen == [(256, 256), (128, 128), (64, 64)]
+    assert [tuple(f[-1].shape[-2:]) for f in feats] == [(30, 30), (14, 14), (6, 6)]
+    assert all(len(f) == 5 for f in feats)  # four feature maps + logits (feature matching)
+
+
+def test_downsampling_is_average_pooling():
+    d = MultiScaleDiscriminator(in_channels=1, ndf=4, n_scales=2)
+    seen = []
+    d.scales[1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.zeros(1, 1, 256, 256)
+    x[..., 100:104, 100:104] = 1.0  # a 4x4 block: its 2x-downsampled mean is preserved
+    d(x)
+    assert torch.isclose(seen[0].sum() * 4, x.sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_map_matmul_is_the_same_convolution(transposed, bias):
+    torch.manual_seed(0)
+    layer = (nn.ConvTranspose2d if transposed else nn.Conv2d)(6, 5, 4, stride=2, padding=1,
+                                                                bias=bias)
+    x = torch.randn(2, 6, 4, 8, requires_grad=True)
+    expected = layer(x)
+    got = conv4s2_as_matmul(x, layer)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    grads_expected = torch.autograd.grad(expected.square().sum(), [x, layer.weight])
+    grads_got = torch.autograd.grad(got.square().sum(), [x, layer.weight])
+    for a, b in zip(grads_got, grads_expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_generator_same_output_with_and_without_the_matmul_path():
+    torch.manual_seed(0)
+    g = UNetGenerator(in_channels=2, ngf=8).eval()
+    x = torch.randint(0, 2, (1, 2, 256, 256)).float() * 2 - 1
+    with torch.no_grad():
+        fast = g(x)
+        g.set_small_map_matmul(False)
+        library = g(x)
+    torch.testing.assert_close(fast, library, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,240 @@
+"""GanTask: paired crops, a training step, learning on a phantom, images, resume, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from emsynth.cli import app
+from emsynth.config import load_config
+from emsynth.data.phantom import generate_volume
+from emsynth.data.volume import MEMBRANE, MITO, Volume
+from emsynth.engine import train
+from emsynth.engine.checkpoint import load_checkpoint
+from emsynth.errors import EmsynthError
+from emsynth.gan.config import GanConfig
+from emsynth.gan.task import GanTask, linear_decay
+from emsynth.gan.train import split_volumes, train_gan
+from emsynth.synthesis.inference import GENERATOR_FILE, load_generator
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "gan" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU their spin-waits cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def phantom() -> Volume:
+    return generate_volume("vnc", 4, (256, 320), seed=3)
+
+
+def _cfg(*overrides: str) -> GanConfig:
+    return load_config(GanConfig, TINY, list(overrides))
+
+
+def test_presets_load():
+    root = TINY.parent
+    spec = load_config(GanConfig, root / "spec.yaml")
+    model, data = spec.model, spec.data
+    assert (model.ngf, model.ndf, data.crop, data.batch_size) == (64, 64, 256, 1)
+    assert spec.loss.adversarial == "lsgan" and spec.loss.l1_weight == 100
+    assert (spec.optim.lr, spec.optim.beta1, spec.optim.beta2) == (2e-4, 0.5, 0.999)
+    cpu = load_config(GanConfig, root / "cpu.yaml")
+    assert cpu.model.ngf in (16, 32) and cpu.data.crop == 256 and cpu.engine.precision == "bf16"
+    assert _cfg().model.ngf == 8
+
+
+def test_sample_batch_pairs_and_ranges(phantom):
+    task = GanTask(_cfg(), [phantom])
+    masks, image = task.sample_batch(np.random.default_rng(0))
+    assert masks.shape == (1, 2, 256, 256) and image.shape == (1, 1, 256, 256)
+    assert set(torch.unique(masks).tolist()) == {-1.0, 1.0}
+    assert image.min() >= -1 and image.max() <= 1 and image.std() > 0.05
+    again = task.sample_batch(np.random.default_rng(0))
+    assert torch.equal(again[0], masks) and torch.equal(again[1], image)
+    # Masks stay registered to the image under flips/rotations: membranes are dark here.
+    many = [task.sample_batch(np.random.default_rng(s)) for s in range(6)]
+    membrane = torch.cat([m[:, 1] for m, _ in many]) > 0
+    pixels = torch.cat([i[:, 0] for _, i in many])
+    assert pixels[membrane].mean() < pixels[~membrane].mean() - 0.2
+
+
+def test_mask_range_01_and_single_channel(phantom):
+    task = GanTask(_cfg("data.mask_range=0,1", "data.channels=[mito]"), [phantom])
+    masks, _ = task.sample_batch(np.random.default_rng(1))
+    assert masks.shape[1] == 1 and set(torch.unique(masks).tolist()) <= {0.0, 1.0}
+
+
+def test_missing_channel_and_small_slices_are_user_errors(phantom):
+    no_membrane = Volume(phantom.image, {MITO: phantom.labels[MITO]}, source="lucchi-like")
+    with pytest.raises(EmsynthError, match="lucchi-like.*no 'membrane' label"):
+        GanTask(_cfg(), [no_membrane])
+    small = generate_volume("vnc", 1, (128, 128), seed=0)
+    with pytest.raises(EmsynthError, match="smaller than the 256x256"):
+        GanTask(_cfg(), [small])
+    with pytest.raises(EmsynthError, match="multiple of 256"):
+        _cfg("data.crop=200")
+
+
+def test_split_volumes_holds_out_the_last_slices(phantom):
+    train_v, val_v = split_volumes([phantom], 1)
+    assert len(train_v[0]) == 3 and val_v[0].slice_names == [phantom.slice_names[-1]]
+    with pytest.raises(EmsynthError, match="val_block"):
+        split_volumes([phantom], 4)
+
+
+def test_linear_decay_schedule():
+    factor = linear_decay(100, 0.5)
+    assert [factor(s) for s in (0, 49, 50, 75, 99)] == [1.0, 1.0, 1.0, 0.5, 0.02]
+
+
+def _metric(run_dir: Path, name: str) -> list[float]:
+    with open(run_dir / "metrics.csv") as handle:
+        return [float(row["value"]) for row in csv.DictReader(handle) if row["name"] == name]
+
+
+def test_tiny_gan_learns_on_a_phantom(tmp_path, phantom):
+    """ngf 8, 256 crops, 80 steps: L1 to the real image falls clearly, D stays balanced."""
+    cfg = _cfg("engine.steps=80", "engine.checkpoint_every=0", "engine.val_every=0",
+               "engine.image_every=0", "engine.log_every=20")
+    train_v, val_v = split_volumes([phantom], 1)
+    task = GanTask(cfg, train_v, val_v)
+    result = train(task, cfg.engine, tmp_path / "run", resume=False)
+    l1 = _metric(tmp_path / "run", "train/l1")
+    assert len(l1) == 4
+    assert l1[-1] < 0.85 * l1[0], l1
+    assert result["val/l1"] < 0.27  # an untrained generator (grey output) scores ~0.3
+    assert result["val/psnr"] > 14.5
+    assert all(np.isfinite([result["d"], result["g_adv"], result["d_real"], result["d_fake"]]))
+
+
+@pytest.mark.parametrize("adversarial", ["vanilla", "hinge"])
+def test_other_losses_and_feature_matching_train(tmp_path, phantom, adversarial):
+    cfg = _cfg("engine.steps=3", "engine.checkpoint_every=0", "engine.val_every=0",
+               "engine.image_every=0", "engine.log_every=1", f"loss.adversarial={adversarial}",
+               "loss.feature_matching_weight=10")
+    result = train(GanTask(cfg, [phantom]), cfg.engine, tmp_path / "run", resume=False)
+    assert np.isfinite(result["fm"]) and result["fm"] > 0 and np.isfinite(result["g"])
+
+
+class _InterruptedGanTask(GanTask):
+    """Sends itself SIGINT after `stop_after` steps: the engine checkpoints and returns."""
+
+    stop_after = 3
+
+    def train_step(self, batch, ctx):
+        losses = super().train_step(batch, ctx)
+        self.stop_after -= 1
+        if self.stop_after == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return losses
+
+
+def test_resume_is_exact_and_images_are_written(tmp_path, phantom):
+    """6 steps straight == 3 steps, interrupted, then resumed (LR decay from step 3 on)."""
+    common = ["engine.steps=6", "engine.deterministic=true", "engine.precision=fp32",
+              "engine.val_every=0", "engine.log_every=1", "optim.decay_start=0.5"]
+    straight = _cfg(*common, "engine.checkpoint_every=0", "engine.image_every=0")
+    train(GanTask(straight, [phantom]), straight.engine, tmp_path / "a", resume=False)
+
+    cfg = _cfg(*common, "engine.checkpoint_every=0", "engine.image_every=2")
+    first = train(_InterruptedGanTask(cfg, [phantom]), cfg.engine, tmp_path / "b", resume=False)
+    assert first["stop_reason"] == "signal:SIGINT" and first["step"] == 3
+    result = train(GanTask(cfg, [phantom]), cfg.engine, tmp_path / "b", resume=True)
+    assert result["step"] == 6
+
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "step_00000006.pt")
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000006.pt")
+    for module in ("generator", "discriminator"):
+        for key, tensor in a["modules"][module].items():
+            assert torch.equal(tensor, b["modules"][module][key]), (module, key)
+    assert a["schedulers"]["generator"]["last_epoch"] == 6
+    assert b["schedulers"]["generator"]["last_epoch"] == 6
+    moments_a = a["optimizers"]["discriminator"]["state"]
+    moments_b = b["optimizers"]["discriminator"]["state"]
+    assert all(torch.equal(moments_a[k]["exp_avg"], moments_b[k]["exp_avg"]) for k in moments_a)
+
+    assert sorted(p.name for p in (tmp_path / "b" / "images").iterdir()) == [
+        "samples_00000002.png", "samples_00000004.png", "samples_00000006.png"]
+    grid = iio.imread(tmp_path / "b" / "images" / "samples_00000006.png")
+    # 4 rows of 256 + 3 gaps; columns: 2 masks, real, synthetic
+    assert grid.shape == (4 * 256 + 3 * 4, 4 * 256 + 3 * 4) and grid.dtype == np.uint8
+
+
+def test_train_gan_exports_a_loadable_generator(tmp_path):
+    cfg = _cfg("engine.steps=2", "engine.checkpoint_every=0", "engine.val_every=0",
+               "engine.image_every=0")
+    result = train_gan(cfg, tmp_path / "run", resume=False)
+    assert result["generator"] == str(tmp_path / "run" / GENERATOR_FILE)
+    generator, conditioning, meta = load_generator(tmp_path / "run")
+    assert conditioning.channels == (MITO, MEMBRANE) and conditioning.mask_range == "-1,1"
+    assert generator.ngf == 8 and meta["step"] == 2
+
+
+def test_cli_train_then_synthesize(tmp_path):
+    runner = CliRunner()
+    run_dir = tmp_path / "run"
+    res = runner.invoke(app, ["gan", "train", "-c", str(TINY), "-o", str(run_dir),
+                              "--steps", "2", "--set", "engine.image_every=0",
+                              "--set", "engine.val_every=0"])
+    assert res.exit_code == 0, res.output
+    assert (run_dir / GENERATOR_FILE).is_file() and "generator:" in res.output
+
+    masks_dir = tmp_path / "masks"
+    from emsynth.data.writers import write_slice_folder
+
+    write_slice_folder(generate_volume("vnc", 2, (300, 260), seed=5), masks_dir)
+    out = tmp_path / "synthetic"
+    res = runner.invoke(app, ["gan", "synthesize", "-m", str(run_dir), "--masks", str(masks_dir),
+                              "-o", str(out), "--device", "cpu", "--no-dropout"])
+    assert res.exit_code == 0, res.output
+    from emsynth.data.readers import read_volume
+
+    synthetic = read_volume(out, "slices")
+    assert synthetic.shape == (2, 300, 260)
+    assert set(synthetic.labels) == {MITO, MEMBRANE}
+    assert synthetic.image.std() > 0
+
+
+def test_cli_missing_model_is_one_line_exit_2(tmp_path):
+    missing = tmp_path / "nope"
+    done = subprocess.run(
+        [sys.executable, "-m", "emsynth.cli", "gan", "synthesize", "-m", str(missing),
+         "--masks", str(tmp_path), "-o", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and "Fix: " in lines[0]
+
+
+def test_real_vnc_crops_keep_masks_registered(shared_data):
+    """On the real Drosophila VNC slices, membrane pixels of a crop are darker than the rest,
+    and mitochondria darker than cytoplasm, whatever the flip/rotation drawn."""
+    from emsynth.data.readers import read_volume
+
+    volume = read_volume(shared_data / "drosophila_vnc", "vnc", indices=[0, 1])
+    task = GanTask(_cfg(), [volume])
+    pairs = [task.sample_batch(np.random.default_rng(s)) for s in range(8)]
+    masks = torch.cat([m for m, _ in pairs])
+    pixels = torch.cat([i[:, 0] for _, i in pairs])
+    mito, membrane = masks[:, 0] > 0, masks[:, 1] > 0
+    rest = ~mito & ~membrane
+    assert pixels[membrane].mean() < pixels[rest].mean() - 0.2
+    assert pixels[mito].mean() < pixels[rest].mean()

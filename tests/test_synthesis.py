@@ -1,0 +1,181 @@
+"""Whole-slice synthesis: shapes of any size, value range, no seams, dropout, the Volume API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from emsynth.cli import app
+from emsynth.data.phantom import generate_volume
+from emsynth.data.readers import read_volume
+from emsynth.data.volume import MEMBRANE, MITO, Volume
+from emsynth.errors import EmsynthError
+from emsynth.gan.data import Conditioning
+from emsynth.gan.networks import UNetGenerator
+from emsynth.synthesis.inference import (
+    export_generator,
+    load_generator,
+    padding_for,
+    synthesize_array,
+    synthesize_volume,
+)
+from emsynth.synthesis.masks import phantom_masks
+
+CONDITIONING = Conditioning((MITO, MEMBRANE))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU their spin-waits cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def generator() -> UNetGenerator:
+    torch.manual_seed(0)
+    return UNetGenerator(in_channels=2, ngf=8)
+
+
+@pytest.fixture(scope="module")
+def masks_1024() -> np.ndarray:
+    volume = generate_volume("vnc", 1, (1024, 1024), seed=0)
+    return CONDITIONING.encode_slice(volume, 0)[None]
+
+
+def _seam_ratios(image: np.ndarray, period: int = 256, phase: int = 32) -> list[float]:
+    """Mean |gradient| across the 256-tile borders over that at the same position modulo 32
+    elsewhere (the transposed convolutions leave a periodic texture, so compare like with like):
+    about 1 without seams."""
+    ratios = []
+    for axis in (1, 0):
+        grad = np.abs(np.diff(image, axis=axis)).mean(axis=1 - axis)
+        border = np.arange(period - 1, grad.size, period)
+        same_phase = np.setdiff1d(np.arange((period - 1) % phase, grad.size, phase), border)
+        ratios.append(float(grad[border].mean() / grad[same_phase].mean()))
+    return ratios
+
+
+def _tiled(generator, masks: np.ndarray) -> np.ndarray:
+    out = np.zeros(masks.shape[-2:], np.float32)
+    for y in range(0, masks.shape[-2], 256):
+        for x in range(0, masks.shape[-1], 256):
+            tile = masks[:, :, y:y + 256, x:x + 256]
+            out[y:y + 256, x:x + 256] = synthesize_array(generator, tile, dropout=False)[0]
+    return out
+
+
+def test_whole_slice_has_no_seams_unlike_stitched_tiles(generator, masks_1024):
+    whole = synthesize_array(generator, masks_1024, dropout=False)[0]
+    assert whole.shape == (1024, 1024) and np.abs(whole).max() <= 1.0 and whole.std() > 0.01
+    assert all(0.8 < r < 1.25 for r in _seam_ratios(whole)), _seam_ratios(whole)
+    tiled = _tiled(generator, masks_1024)
+    # The statistic does see seams: independently processed tiles break it ...
+    assert any(not 0.8 < r < 1.25 for r in _seam_ratios(tiled)), _seam_ratios(tiled)
+    # ... and the one-pass output is not such a concatenation.
+    assert np.abs(whole - tiled).mean() > 0.1 * whole.std()
+
+
+@pytest.mark.parametrize("shape", [(768, 1024), (1024, 1024), (300, 500)])
+def test_volume_shapes_range_and_labels(generator, shape):
+    masks = generate_volume("vnc", 2, shape, seed=1)
+    out = synthesize_volume(generator, masks, CONDITIONING, dropout=False)
+    assert out.shape == masks.shape and out.image.dtype == np.uint8
+    assert out.image.std() > 0
+    assert out.slice_names == masks.slice_names and out.pixel_size_nm == masks.pixel_size_nm
+    for name in (MITO, MEMBRANE):
+        assert np.array_equal(out.labels[name], masks.labels[name])
+    assert "synthetic" in out.source
+
+
+def test_padding_is_centred_reflection():
+    assert padding_for(256) == (0, 0) and padding_for(768) == (0, 0)
+    assert padding_for(300) == (106, 106) and padding_for(1000) == (12, 12)
+    assert padding_for(257) == (127, 128)
+
+
+def test_padded_slice_equals_the_centre_of_a_reflected_full_pass(generator):
+    """A 300x500 slice is the crop of what the generator makes of its reflect-padded version."""
+    rng = np.random.default_rng(0)
+    masks = (rng.random((1, 2, 300, 500)) > 0.7).astype(np.float32) * 2 - 1
+    small = synthesize_array(generator, masks, dropout=False)
+    padded = np.pad(masks, ((0, 0), (0, 0), (106, 106), (6, 6)), mode="reflect")
+    big = synthesize_array(generator, padded, dropout=False)
+    np.testing.assert_allclose(small, big[:, 106:406, 6:506], atol=1e-6)
+
+
+def test_dropout_flag_and_seed(generator):
+    masks = CONDITIONING.encode_slice(generate_volume("vnc", 1, (256, 256), seed=2), 0)[None]
+    off = [synthesize_array(generator, masks, dropout=False, seed=s) for s in (0, 1)]
+    np.testing.assert_array_equal(off[0], off[1])
+    on = [synthesize_array(generator, masks, dropout=True, seed=s) for s in (0, 0, 1)]
+    np.testing.assert_array_equal(on[0], on[1])
+    assert np.abs(on[0] - on[2]).max() > 1e-4 and np.abs(on[0] - off[0]).max() > 1e-4
+    assert generator.training  # modes are put back
+    assert all(m.training for m in generator.modules())
+
+
+def test_bf16_close_to_fp32(generator):
+    masks = CONDITIONING.encode_slice(generate_volume("vnc", 1, (256, 512), seed=4), 0)[None]
+    fp32 = synthesize_array(generator, masks, dropout=False, precision="fp32")
+    bf16 = synthesize_array(generator, masks, dropout=False, precision="bf16")
+    assert np.abs(fp32 - bf16).mean() < 0.02
+
+
+def test_missing_label_and_channel_mismatch(generator):
+    vol = generate_volume("vnc", 1, (256, 256), seed=0)
+    only_mito = Volume(vol.image, {MITO: vol.labels[MITO]}, source="masks-without-membranes")
+    with pytest.raises(EmsynthError, match="masks-without-membranes.*no 'membrane' label"):
+        synthesize_volume(generator, only_mito)
+    with pytest.raises(EmsynthError, match="1 conditioning channels for a generator with 2"):
+        synthesize_volume(generator, vol, Conditioning((MITO,)))
+
+
+def test_export_and_load_round_trip(tmp_path, generator):
+    path = export_generator(tmp_path / "g.safetensors", generator, Conditioning((MITO, MEMBRANE),
+                                                                               "0,1"))
+    loaded, conditioning, meta = load_generator(path)
+    assert conditioning == Conditioning((MITO, MEMBRANE), "0,1") and meta["ngf"] == 8
+    for key, tensor in generator.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[key])
+    with pytest.raises(EmsynthError, match="no generator.safetensors and no checkpoint"):
+        load_generator(tmp_path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(EmsynthError, match="junk.safetensors"):
+        load_generator(tmp_path / "junk.safetensors")
+
+
+def test_phantom_masks_feed_synthesis(generator):
+    masks = phantom_masks("vnc", 2, (256, 384), seed=3)
+    assert masks.shape == (2, 256, 384) and not masks.image.any()
+    assert masks.labels[MITO].any() and masks.labels[MEMBRANE].any()
+    out = synthesize_volume(generator, masks, CONDITIONING, dropout=False)
+    assert out.image.std() > 0 and np.array_equal(out.labels[MITO], masks.labels[MITO])
+
+
+def test_phantom_masks_fitted_to_a_mask_set():
+    """Fitted to sparse-membrane (ca1-like) masks, vnc masks take on their membrane density."""
+    like = generate_volume("ca1", 2, (256, 256), seed=1)
+    target = like.labels[MEMBRANE].mean()
+    plain = phantom_masks("vnc", 2, (256, 256), seed=0).labels[MEMBRANE].mean()
+    fitted = phantom_masks("vnc", 2, (256, 256), seed=0, like=like)
+    assert "fitted-to" in fitted.source
+    assert abs(fitted.labels[MEMBRANE].mean() - target) < 0.5 * abs(plain - target)
+
+
+def test_cli_synthesize_from_phantom_masks(tmp_path, generator):
+    export_generator(tmp_path / "g.safetensors", generator, CONDITIONING)
+    runner = CliRunner()
+    base = ["gan", "synthesize", "-m", str(tmp_path / "g.safetensors"), "--device", "cpu"]
+    res = runner.invoke(app, [*base, "--phantom", "vnc", "--count", "2", "--size", "256",
+                              "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    written = read_volume(tmp_path / "out", "slices")
+    assert written.shape == (2, 256, 256) and written.image.std() > 0
+    res = runner.invoke(app, [*base, "-o", str(tmp_path / "o2")])
+    assert isinstance(res.exception, EmsynthError) and "exactly one mask source" in str(
+        res.exception)
