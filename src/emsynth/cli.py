@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -10,6 +11,10 @@ from rich.console import Console
 from emsynth import __version__
 from emsynth.data.cli import app as data_app
 from emsynth.errors import EmsynthError
+from emsynth.gan.cli import app as gan_app
+from emsynth.membranes.cli import app as membranes_app
+from emsynth.segment.cli import app as segment_app
+from emsynth.study.cli import app as study_app
 
 app = typer.Typer(
     help="emsynth: EM image synthesis from masks and its segmentation study.",
@@ -18,6 +23,10 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.add_typer(gan_app, name="gan")
+app.add_typer(membranes_app, name="membranes")
+app.add_typer(segment_app, name="segment")
+app.add_typer(study_app, name="study")
 
 
 def _version(value: bool) -> None:
@@ -31,6 +40,17 @@ def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """emsynth: EM image synthesis from masks and its segmentation study."""
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for the demo's outputs."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data, initialisation and augmentation."),
+) -> None:
+    """Run the pipeline on built-in phantom EM data (no downloads, CPU, a few minutes)."""
+    from emsynth.demo import run_demo
+
+    run_demo(out, seed=seed)
 
 
 def main() -> None:

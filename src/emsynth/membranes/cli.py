@@ -1,0 +1,285 @@
+"""`emsynth membranes ...`: train the (EM image, mitochondria) -> membrane U-Net, predict
+membranes for a volume (CA1 by default) as a slice folder the GAN reads, check plausibility.
+
+Heavy imports (torch, MONAI) happen inside the commands so `emsynth --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from emsynth.engine.cli import TrainOptions, train_options
+from emsynth.errors import EmsynthError, input_error
+from emsynth.membranes.config import MITO_FROM_HELP
+
+app = typer.Typer(
+    help="Membrane transfer: predict cell membranes from (EM image, mitochondria mask), "
+    "trained on Drosophila VNC, applied to CA1.",
+    no_args_is_help=True,
+)
+out = Console()
+
+DEFAULT_CA1 = "../shared/data/lucchi_pp/train"
+DEFAULT_OUT = "runs/membranes/ca1_with_membranes"
+LayoutOpt = Annotated[
+    str, typer.Option("--layout", help="Dataset layout: auto, vnc, epfl-tiff, slices, isbi.")
+]
+
+
+@app.command("train")
+@train_options(default_config=None, default_run_dir="runs/membranes/vnc")
+def train_cmd(
+    opts: TrainOptions,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", "-d", help="Training dataset with membrane + mitochondria labels "
+                     "(default: data.path, ../shared/data/drosophila_vnc)."),
+    ] = None,
+    layout: LayoutOpt = "auto",
+    phantom: Annotated[
+        str | None,
+        typer.Option("--phantom", help="Train on a generated phantom domain (vnc or ca1) instead."),
+    ] = None,
+    add_slices: Annotated[
+        Path | None,
+        typer.Option(
+            "--add-slices",
+            help="Add membrane-only training slices, e.g. ../shared/data/isbi2012/train. Their "
+            "mitochondria channel is zeros unless --extra-mito names a mitochondria model.",
+        ),
+    ] = None,
+    extra_mito: Annotated[
+        str | None,
+        typer.Option(
+            "--extra-mito",
+            help='Mitochondria channel of --add-slices: "zeros" (default) or a mitochondria '
+            "model folder from `emsynth segment train` (its prediction is used).",
+        ),
+    ] = None,
+    train_slices: Annotated[
+        str | None, typer.Option("--train-slices", help='Training slices (default "0-15").')
+    ] = None,
+    val_slices: Annotated[
+        str | None,
+        typer.Option("--val-slices", help='Held-out block for the threshold (default "16-19").'),
+    ] = None,
+) -> None:
+    """Train the membrane U-Net (inputs: EM image + mitochondria mask) with the shared engine.
+
+    Default data: drosophila_vnc, slices 0-15 train, 16-19 held out (threshold choice).
+
+    Robustness augmentations (config section `robust`, each off at probability 0): Gaussian
+    noise with sigma ~ U(0, noise_max), brightness/contrast/gamma, blur, mitochondria-channel
+    dropout. Intensity normalisation (`normalize.method`: none, standardize, histmatch) is
+    applied at train and at predict time.
+
+    --add-slices (e.g. ISBI 2012, membranes only): their mitochondria channel is filled with
+    zeros by default, or with a mitochondria model's prediction (--extra-mito MODEL_DIR).
+
+    Presets: --config configs/membranes/cpu.yaml (minutes on 2 CPU cores), gpu.yaml,
+    phantom.yaml. The model lands in RUN_DIR/model.
+    """
+    from emsynth.membranes.config import MembraneConfig
+    from emsynth.membranes.task import train_membranes
+    from emsynth.segment.train import MODEL_DIR
+
+    overrides = []
+    for key, value in (("path", data), ("layout", layout if data else None),
+                       ("phantom", phantom), ("extra_path", add_slices),
+                       ("extra_mito", extra_mito), ("train_slices", train_slices),
+                       ("val_slices", val_slices)):
+        if value is not None:
+            overrides.append(f"data.{key}={json.dumps(str(value))}")
+    opts.overrides = [*opts.overrides, *overrides]
+    cfg = opts.load(MembraneConfig)
+    result = train_membranes(cfg, opts.run_dir, resume=opts.resume)
+    out.print(
+        f"stopped: {result['stop_reason']} at step {result['step']} ({result['elapsed_s']:.0f} s)",
+        highlight=False,
+    )
+    final = result["final"]
+    if final:
+        out.print(
+            f"held-out slices {cfg.data.val_slices}: membrane F1 {final['fg_dice']:.4f}, IoU "
+            f"{final['fg_iou']:.4f} at threshold {final['threshold']:.3f} (F1 "
+            f"{final['fg_dice@0.5']:.4f}, IoU {final['fg_iou@0.5']:.4f} at 0.5)",
+            highlight=False,
+        )
+    out.print(f"model: {opts.run_dir / MODEL_DIR}", highlight=False)
+
+
+@app.command("predict")
+def predict_cmd(
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Run folder of `membranes train` (or its model/).")
+    ],
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Volume to predict (any reader layout).")
+    ] = Path(DEFAULT_CA1),
+    layout: LayoutOpt = "auto",
+    slices: Annotated[
+        str | None, typer.Option("--slices", help='Only these slices, e.g. "16-19".')
+    ] = None,
+    mito_from: Annotated[
+        str, typer.Option("--mito-from", help="Mitochondria channel: " + MITO_FROM_HELP)
+    ] = "labels",
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", file_okay=False, help="Output slice folder.")
+    ] = Path(DEFAULT_OUT),
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", min=0.0, max=1.0,
+                     help="Binary membranes where prob >= this (default: the model's, chosen "
+                     "on held-out slices)."),
+    ] = None,
+    thin_width: Annotated[
+        int,
+        typer.Option("--thin-width", min=0,
+                     help="Thin membranes to a closed boundary map of this width in px "
+                     "(skeletonize + dilate); 0 keeps the thresholded mask."),
+    ] = 0,
+    tta: Annotated[
+        bool | None,
+        typer.Option("--tta/--no-tta", help="8-way flip/rot90 averaging (default: the model's)."),
+    ] = None,
+    figure: Annotated[
+        Path | None,
+        typer.Option("--figure", dir_okay=False,
+                     help="Also draw EM | mitochondria | predicted [| true] membranes to this PNG."),
+    ] = None,
+    figure_crop: Annotated[
+        int, typer.Option("--figure-crop", min=0, help="Centre crop of figure panels (0 = whole).")
+    ] = 512,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="bf16 or fp32.")] = "bf16",
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=1, help="torch CPU threads (1 is fastest on a busy CPU)."),
+    ] = None,
+) -> None:
+    """Predict membranes for every slice of a volume (sliding window, any slice size).
+
+    Writes OUT as an emsynth slice folder that the GAN stage reads directly: images/, masks/
+    (mitochondria, 255) and membranes/ (predicted membranes, 255); plus membrane_prob.tif
+    (uint8 probabilities, 255 = 1.0) and prediction.json (threshold, plausibility numbers, and
+    membrane F1/IoU when the volume has membrane labels).
+
+    Volumes without mitochondria labels (ISBI 2012) need --mito-from zeros or a mitochondria
+    model folder.
+    """
+    import torch
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from emsynth.data.readers import read_volume
+    from emsynth.data.volume import MEMBRANE
+    from emsynth.engine.trainer import resolve_device
+    from emsynth.membranes.checks import check_membranes, format_plausibility
+    from emsynth.membranes.figures import prediction_figure
+    from emsynth.membranes.predict import (
+        MembraneModel,
+        membrane_scores,
+        mito_mask,
+        predict_membranes,
+        thin_membranes,
+        write_prediction,
+    )
+    from emsynth.segment.sampling import parse_slices
+
+    if precision not in ("bf16", "fp32"):
+        raise EmsynthError(f"--precision {precision!r} is unknown. Fix: use bf16 or fp32")
+    if device not in ("auto", "cpu", "cuda"):
+        raise EmsynthError(f"--device {device!r} is unknown. Fix: use auto, cpu or cuda")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    dev = str(resolve_device(device))
+    membrane_model = MembraneModel.load(model, device=dev)
+    volume = read_volume(data, layout)
+    if slices is not None:
+        volume = volume.select(parse_slices(slices, len(volume), "--slices"))
+    mito = mito_mask(volume, mito_from, device=dev, precision=precision)
+    progress = Progress(TextColumn("[bold]predict membranes"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=Console(stderr=True))
+    with progress:
+        bar = progress.add_task("predict", total=len(volume))
+        prob = predict_membranes(membrane_model, volume, mito, dev, precision, tta,
+                                 progress=lambda n: progress.advance(bar, n))
+    thr = membrane_model.threshold if threshold is None else threshold
+    binary = prob >= thr
+    membranes = thin_membranes(binary, thin_width) if thin_width else binary
+    record: dict = {
+        "data": str(data), "source": volume.source, "model": str(membrane_model.path),
+        "mito_from": mito_from, "threshold": thr, "thin_width": thin_width,
+        "slice_names": volume.slice_names,
+    }
+    truth = volume.labels.get(MEMBRANE)
+    if truth is not None:
+        record["scores"] = membrane_scores(binary, truth)
+        if thin_width:
+            record["scores_thinned"] = membrane_scores(membranes, truth)
+    checks = check_membranes(membranes, mito)
+    record["plausibility"] = checks.as_dict()
+    written = write_prediction(out_dir, volume, mito, prob, membranes, record)
+    out.print(format_plausibility(checks, title=f"plausibility of predicted membranes "
+                                  f"({len(volume)} slices)"), highlight=False)
+    for key in ("scores", "scores_thinned"):
+        if key in record:
+            s = record[key]
+            out.print(f"{key.replace('_', ' ')} vs {volume.source} membranes: F1 {s['f1']:.4f}, "
+                      f"IoU {s['iou']:.4f} (precision {s['precision']:.4f}, recall "
+                      f"{s['recall']:.4f}, threshold {thr:.3f})", highlight=False)
+    if figure is not None:
+        prediction_figure(figure, volume.image, mito, membranes, truth,
+                          names=volume.slice_names, crop=figure_crop or None,
+                          title=f"{data.parent.name}/{data.name}: membranes predicted from "
+                          f"EM + mitochondria ({mito_from})")
+        out.print(f"figure: {figure}", highlight=False)
+    out.print(f"wrote {written} (images/, masks/, membranes/, membrane_prob.tif)",
+              highlight=False)
+
+
+@app.command("check")
+def check_cmd(
+    path: Annotated[Path, typer.Argument(help="Volume with membrane labels (any reader layout).")],
+    layout: LayoutOpt = "auto",
+    min_region_px: Annotated[
+        int, typer.Option("--min-region-px", min=1, help="Smallest cell-sized region (px).")
+    ] = 150,
+    erode_px: Annotated[
+        int, typer.Option("--erode-px", min=0, help="Mitochondria erosion before the crossing test.")
+    ] = 3,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", dir_okay=False, help="Also write the numbers as JSON.")
+    ] = None,
+) -> None:
+    """Plausibility numbers of membranes (predicted or true).
+
+    Membrane pixel fraction, share of mitochondrion interiors crossed by membrane, and
+    closedness: fragments, cytoplasm in cell-sized regions, open skeleton ends. Compare a
+    prediction with ground truth, e.g. ../shared/data/drosophila_vnc.
+    """
+    from emsynth.data.readers import read_volume
+    from emsynth.data.volume import MEMBRANE, MITO
+    from emsynth.io import atomic_write_text
+    from emsynth.membranes.checks import check_membranes, format_plausibility
+
+    volume = read_volume(path, layout)
+    if MEMBRANE not in volume.labels:
+        raise input_error(path, f"has no membrane labels (has {sorted(volume.labels)})",
+                          "pass a folder with membranes/ (e.g. the output of membranes predict)")
+    checks = check_membranes(volume.labels[MEMBRANE], volume.labels.get(MITO), erode_px,
+                             min_region_px)
+    out.print(format_plausibility(checks, title=f"{volume.source}"), highlight=False)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps({"source": volume.source, **checks.as_dict()},
+                                               indent=2))

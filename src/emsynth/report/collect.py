@@ -1,0 +1,104 @@
+"""Gather a study folder's results into tables: scores per regime x condition x seed, their
+summaries over seeds, paired differences, and per-cell provenance."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emsynth.errors import input_error
+from emsynth.report.stats import Summary, paired_difference, summarize
+from emsynth.study.cache import CELLS_DIR, DONE, FORMAT, RECORD, RESULT, STUDY_JSON
+from emsynth.study.config import MIXED, REAL, SYNTHETIC
+
+METRICS = ("iou", "dice")
+METRIC_NAMES = {"iou": "foreground IoU", "dice": "foreground Dice"}
+#: Paired differences shown, as (minuend, subtrahend): b - a first, then c - a.
+DIFFERENCES = ((MIXED, REAL), (SYNTHETIC, REAL))
+
+
+@dataclass
+class CellInfo:
+    name: str
+    kind: str
+    labels: dict[str, Any]
+    done: bool
+    record: dict[str, Any] | None
+    result: dict[str, Any] | None
+
+
+@dataclass
+class StudyResults:
+    study_dir: Path
+    index: dict[str, Any]
+    cells: list[CellInfo]
+    regimes: list[str]
+    conditions: list[str]
+    seeds: list[int]
+    #: scores[metric][(regime, condition)][seed]
+    scores: dict[str, dict[tuple[str, str], dict[int, float]]] = field(default_factory=dict)
+    pixels: dict[str, int] = field(default_factory=dict)
+
+    def summary(self, metric: str, regime: str, condition: str) -> Summary:
+        return summarize(list(self.scores[metric].get((regime, condition), {}).values()))
+
+    def difference(self, metric: str, regime: str, b: str, a: str) -> Summary:
+        table = self.scores[metric]
+        return paired_difference(table.get((regime, a), {}), table.get((regime, b), {}))
+
+    @property
+    def differences(self) -> list[tuple[str, str]]:
+        return [(b, a) for b, a in DIFFERENCES if b in self.conditions and a in self.conditions]
+
+    @property
+    def missing(self) -> int:
+        return sum(not c.done for c in self.cells)
+
+    def cell(self, kind: str, **labels: Any) -> CellInfo | None:
+        for info in self.cells:
+            if info.kind == kind and all(info.labels.get(k) == v for k, v in labels.items()):
+                return info
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_results(study_dir: str | Path) -> StudyResults:
+    """Read study.json and every planned cell's record and result."""
+    study_dir = Path(study_dir)
+    index = _read_json(study_dir / STUDY_JSON)
+    if index is None or index.get("format") != FORMAT:
+        raise input_error(study_dir, f"no readable {STUDY_JSON} of an emsynth study",
+                          "pass the folder of `emsynth study run` (its --study-dir)")
+    infos = []
+    for entry in index["cells"]:
+        folder = study_dir / CELLS_DIR / entry["name"]
+        marker = _read_json(folder / DONE)
+        done = marker is not None and marker.get("key") == entry["key"]
+        infos.append(CellInfo(entry["name"], entry["kind"], entry["labels"], done,
+                              _read_json(folder / RECORD),
+                              _read_json(folder / RESULT) if done else None))
+    cfg = index["config"]
+    results = StudyResults(
+        study_dir=study_dir, index=index, cells=infos,
+        regimes=[r["name"] for r in cfg["regimes"]], conditions=list(cfg["conditions"]),
+        seeds=list(cfg["seeds"]), scores={m: {} for m in METRICS},
+    )
+    for regime in index["regimes"]:
+        values = [v["pixels"] for v in regime["per_seed"].values()]
+        results.pixels[regime["name"]] = round(sum(values) / len(values))
+    for info in infos:
+        if info.kind != "eval" or info.result is None:
+            continue
+        where = (info.labels["regime"], info.labels["condition"])
+        for metric in METRICS:
+            results.scores[metric].setdefault(where, {})[int(info.labels["seed"])] = float(
+                info.result[metric])
+    return results

@@ -1,0 +1,234 @@
+"""`StudyConfig`: the augmentation study's settings; presets in configs/study/*.yaml.
+
+The study asks whether pix2pix images help a U-Net segment mitochondria when little annotated
+data exists. Each *regime* fixes how much real annotated data there is; each *seed* re-draws
+that data (which slices, which crops), the GAN and the segmenters' initialisation; each
+*condition* trains a segmenter on real data, real + synthetic data, or synthetic data alone,
+with the same step budget and augmentation. Thresholds are chosen on a validation block and
+scores measured on a test block that nothing else touches.
+
+The GAN and segmenter sections are the stages' own configs (`GanConfig`, `SegmentConfig`);
+the study supplies their data, so their data-location fields must stay at the defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from emsynth.config import StrictModel
+from emsynth.gan.config import GanConfig, GanDataConfig
+from emsynth.segment.config import DataConfig, SegmentConfig
+
+#: Prefix of a data source that is generated, not read: "phantom:ca1", "phantom:vnc".
+PHANTOM_PREFIX = "phantom:"
+REAL = "real"
+MIXED = "real+synthetic"
+SYNTHETIC = "synthetic"
+CONDITIONS = (REAL, MIXED, SYNTHETIC)
+Condition = Literal["real", "real+synthetic", "synthetic"]
+
+
+class SourceConfig(StrictModel):
+    """An annotated volume: a phantom domain generated on the fly, or a dataset on disk."""
+
+    source: str = Field(
+        description='"phantom:<domain>" (ca1 or vnc) or a dataset path read with '
+        "emsynth.data.readers.read_volume (relative paths: from the working directory, "
+        "else from the repository root)."
+    )
+    layout: str = Field("auto", description="read_volume layout of a path source.")
+    mask_dir: str | None = Field(
+        None, description="Mask folder beside images/ (e.g. masks_epfl); None = the layout's."
+    )
+    phantom_slices: int = Field(40, ge=1, description="Depth of a phantom source.")
+    phantom_size: int = Field(256, ge=32, description="Slice side of a phantom source (px).")
+    phantom_seed: int = Field(0, ge=0, description="Seed of a phantom source.")
+
+    @property
+    def is_phantom(self) -> bool:
+        return self.source.startswith(PHANTOM_PREFIX)
+
+
+class SplitConfig(StrictModel):
+    """Contiguous z blocks of the data source: training first, then validation, then test."""
+
+    val_block: int = Field(20, ge=1, description="Slices of the validation block (thresholds).")
+    test_block: int = Field(
+        30, ge=0, description="Slices of the test block (0 when the test set is another volume)."
+    )
+    gap: int = Field(
+        5, ge=0, description="Slices left out between blocks (neighbours are near-duplicates)."
+    )
+
+
+class RegimeConfig(StrictModel):
+    """How much annotated real data a regime has: `slices` slices, cropped to `crop` px."""
+
+    name: str = Field(description="Label in tables and plots, e.g. crop256, 1slice, all.")
+    slices: int | Literal["all"] = Field(
+        description='Slices evenly spaced over the training block, or "all" of it.'
+    )
+    crop: int | None = Field(
+        None, ge=16, description="Square crop side at a random position; None = whole slices."
+    )
+    min_foreground: float = Field(
+        0.02, ge=0, lt=1,
+        description="Crops: redraw the random position (up to 100 times, else keep the fullest "
+        "draw) until this share of the crop is mitochondria, as an annotator would pick a crop "
+        "with objects in it; 0 = any position.",
+    )
+
+    @field_validator("slices")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("a regime needs at least one slice")
+        return value
+
+
+class MembraneConfig(StrictModel):
+    """Where the GAN's membrane channel comes from when the data has no membrane labels."""
+
+    source: Literal["labels", "model", "folder"] = Field(
+        "labels",
+        description="labels: the data's own membrane labels; model: predicted by a membrane "
+        "model (emsynth.membranes); folder: a precomputed slice folder with membranes/.",
+    )
+    model_dir: str | None = Field(
+        None, description="source=model: a trained membrane model (run folder or its model/)."
+    )
+    train_config: str | None = Field(
+        None,
+        description="source=model without model_dir: a membranes YAML config; the study trains "
+        "that model once as a cell of its own.",
+    )
+    folder: str | None = Field(
+        None, description="source=folder: slice folder whose membranes/ match the data's slices."
+    )
+    threshold: float | None = Field(
+        None, gt=0, lt=1, description="Probability threshold; None = the model's own."
+    )
+    thin_width: int = Field(
+        0, ge=0, description="Thin predicted membranes to this width (px); 0 = keep as is."
+    )
+
+    @model_validator(mode="after")
+    def _has_location(self) -> MembraneConfig:
+        if self.source == "model" and not (self.model_dir or self.train_config):
+            raise ValueError("membranes.source=model needs model_dir or train_config")
+        if self.source == "folder" and not self.folder:
+            raise ValueError("membranes.source=folder needs membranes.folder")
+        return self
+
+
+class SynthesisConfig(StrictModel):
+    """How many synthetic images each regime x seed gets, and from which masks."""
+
+    count: int = Field(64, ge=1, description="Synthetic images (S) per regime and seed.")
+    size: int = Field(256, ge=16, description="Side of each synthetic image (px).")
+    masks: Literal["real", "procedural"] = Field(
+        "real",
+        description="real: random crops of the regime's own masks, elastically deformed and "
+        "flipped/rotated; procedural: phantom masks (emsynth.data.phantom.generate_masks).",
+    )
+    elastic_sigma: float = Field(
+        10.0, ge=0, description="real masks: control-point displacement std (px)."
+    )
+    elastic_spacing: int = Field(64, ge=8, description="real masks: control-point spacing (px).")
+    scale_range: float = Field(
+        0.1, ge=0, lt=1, description="real masks: zoom factor drawn in 1 +- this."
+    )
+    procedural_domain: str = Field(
+        "ca1", description="procedural masks: the phantom domain (ca1, vnc) they start from."
+    )
+    procedural_fit: bool = Field(
+        True,
+        description="procedural masks: fit the domain's geometry (object count, size, shape, "
+        "membrane density) to the regime's own masks first.",
+    )
+    dropout: bool = Field(True, description="Keep generator dropout on (pix2pix's noise).")
+
+
+class MixConfig(StrictModel):
+    synthetic_share: float = Field(
+        0.5, gt=0, lt=1, description="Expected share of synthetic crops in a real+synthetic batch."
+    )
+
+
+class StudyConfig(StrictModel):
+    name: str = Field("study", description="Title of the report.")
+    data: SourceConfig
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    test: SourceConfig | None = Field(
+        None,
+        description="Test volume (all its slices); None = the test block of `data`. The CLI's "
+        "--test-data sets it.",
+    )
+    regimes: list[RegimeConfig] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    conditions: list[Condition] = Field(default_factory=lambda: list(CONDITIONS), min_length=1)
+    membranes: MembraneConfig = Field(default_factory=MembraneConfig)
+    gan: GanConfig = Field(default_factory=GanConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
+    segment: SegmentConfig = Field(default_factory=SegmentConfig)
+    num_threads: int | None = Field(
+        None, ge=1,
+        description="torch CPU threads for the whole study (training, synthesis, inference); "
+        "None = torch's default. 1 is fastest for tiny models and on a shared machine. Not "
+        "part of any cell's key.",
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError("seeds must be distinct non-negative integers")
+        return value
+
+    @field_validator("conditions")
+    @classmethod
+    def _conditions(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a condition is listed twice")
+        return [c for c in CONDITIONS if c in value]  # canonical order
+
+    @field_validator("regimes")
+    @classmethod
+    def _regime_names(cls, value: list[RegimeConfig]) -> list[RegimeConfig]:
+        names = [r.name for r in value]
+        if len(set(names)) != len(names):
+            raise ValueError("regime names must be distinct")
+        return value
+
+    @model_validator(mode="after")
+    def _stage_data_untouched(self) -> StudyConfig:
+        gan_data = self.gan.data
+        if gan_data.paths or gan_data.phantom != GanDataConfig().phantom:
+            raise ValueError("gan.data.paths/phantom: the study supplies the GAN's data; "
+                             "remove them")
+        seg_data = self.segment.data
+        if seg_data != DataConfig():
+            raise ValueError("segment.data: the study supplies the segmenter's data; remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _crops_fit_the_gan(self) -> StudyConfig:
+        crop = self.gan.data.crop
+        small = [r.name for r in self.regimes if r.crop is not None and r.crop < crop]
+        if self.uses_synthetic and small:
+            raise ValueError(f"regime {small[0]!r}: its crop is smaller than the GAN's "
+                             f"{crop} px training crop (gan.data.crop); use crop >= {crop}")
+        return self
+
+    @property
+    def uses_synthetic(self) -> bool:
+        return any(c != REAL for c in self.conditions)
+
+    def gan_config(self) -> GanConfig:
+        """The GAN config as trained by the study: no held-out slices (the regime's data is
+        all the GAN may see)."""
+        data = self.gan.data.model_copy(update={"val_block": 0})
+        return self.gan.model_copy(update={"data": data})

@@ -1,0 +1,231 @@
+"""The study's data: loading sources, z-block splits, the real data of each regime and seed,
+and the deformed or procedural masks the GAN turns into synthetic images.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import emsynth
+from emsynth.data.phantom import (
+    fit_domain,
+    generate_masks,
+    generate_volume,
+    get_domain,
+    mask_statistics,
+)
+from emsynth.data.readers import read_volume
+from emsynth.data.volume import MEMBRANE, MITO, Volume
+from emsynth.errors import EmsynthError, input_error
+from emsynth.segment import augment
+from emsynth.segment.config import AugmentConfig
+from emsynth.segment.sampling import split_blocks
+from emsynth.study.cache import hash_arrays
+from emsynth.study.config import PHANTOM_PREFIX, RegimeConfig, SourceConfig, StudyConfig
+
+#: Random crop positions tried per slice before keeping the one with most mitochondria.
+CROP_TRIES = 100
+
+
+def repo_root() -> Path | None:
+    """The source checkout holding this package (None for an installed package)."""
+    root = Path(emsynth.__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def resolve_path(path: str | Path, what: str, fix: str) -> Path:
+    """A relative path from the working directory, else from the repository root."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        found = path
+    else:
+        root = repo_root()
+        found = root / path if root is not None and (root / path).exists() else path
+    if not found.exists():
+        raise input_error(path, f"{what} not found (looked in the working directory and the "
+                          "repository root)", fix)
+    return found
+
+
+@dataclass
+class Source:
+    """A loaded annotated volume and the content hash that stands for it in cell keys."""
+
+    volume: Volume
+    key: str
+    description: str
+
+
+def load_source(cfg: SourceConfig, what: str = "data") -> Source:
+    """Generate a phantom source or read a dataset; it must hold mitochondria labels."""
+    if cfg.is_phantom:
+        domain = cfg.source[len(PHANTOM_PREFIX):]
+        get_domain(domain)  # unknown names fail here with the list of domains
+        size = (cfg.phantom_size, cfg.phantom_size)
+        volume = generate_volume(domain, cfg.phantom_slices, size, cfg.phantom_seed)
+        description = (f"phantom {domain}: {cfg.phantom_slices} slices of {cfg.phantom_size}^2 px,"
+                       f" seed {cfg.phantom_seed}")
+    else:
+        path = resolve_path(cfg.source, f"{what} source",
+                            f"set {what}.source to a dataset folder or phantom:ca1")
+        volume = read_volume(path, cfg.layout, mask_dir=cfg.mask_dir)
+        description = f"{path} ({cfg.layout} layout): {len(volume)} slices of " \
+                      f"{volume.shape[1]}x{volume.shape[2]} px"
+    if MITO not in volume.labels:
+        raise input_error(cfg.source, "has no mitochondria labels to train and score on",
+                          "pass a dataset with mitochondria masks (masks/ folder)")
+    labels = [volume.labels[name] for name in sorted(volume.labels)]
+    return Source(volume, hash_arrays(volume.image, *labels), description)
+
+
+@dataclass
+class Blocks:
+    """Slice indices of the contiguous training, validation and test blocks."""
+
+    train: list[int]
+    val: list[int]
+    test: list[int]
+
+
+def split(cfg: StudyConfig, n_slices: int) -> Blocks:
+    """Training first, then validation, then test (the test block is carved out even when the
+    test set is another volume, so that a different test set never changes the training)."""
+    s = cfg.split
+    if cfg.test is None and s.test_block == 0:
+        raise EmsynthError("split.test_block=0 and no test volume: nothing to score on. Fix: "
+                           "set split.test_block or pass --test-data")
+    train, val, test = split_blocks(n_slices, s.val_block, s.test_block, s.gap)
+    return Blocks(train, val, test)
+
+
+@dataclass
+class Selection:
+    """The real annotated data of one regime and seed: slices and crop corners."""
+
+    slices: list[int]
+    corners: list[tuple[int, int]] | None
+    crop: int | None
+
+    def pixels(self, shape: tuple[int, int]) -> int:
+        side = (self.crop, self.crop) if self.crop else shape
+        return len(self.slices) * side[0] * side[1]
+
+    def as_dict(self) -> dict:
+        return {"slices": self.slices, "corners": self.corners, "crop": self.crop}
+
+
+def _stable_seed(seed: int, regime: RegimeConfig) -> list[int]:
+    """A generator seed from the study seed and the regime's size (not its name or order)."""
+    return [seed, zlib.crc32(f"{regime.slices}/{regime.crop}".encode())]
+
+
+def select(regime: RegimeConfig, train: list[int], seed: int, mito: np.ndarray) -> Selection:
+    """`regime.slices` slices evenly spaced over the training block, the grid shifted by a
+    seeded offset; crops (when asked) at seeded random positions holding at least
+    `regime.min_foreground` mitochondria (`mito`: the volume's (z, y, x) labels)."""
+    count = len(train) if regime.slices == "all" else regime.slices
+    if count > len(train):
+        raise EmsynthError(
+            f"regime {regime.name!r} wants {count} slices but the training block has "
+            f"{len(train)}. Fix: lower regimes.slices or the validation/test blocks"
+        )
+    rng = np.random.default_rng(_stable_seed(seed, regime))
+    stride = len(train) / count
+    offset = rng.uniform(0, stride)
+    slices = [train[min(int(offset + i * stride), len(train) - 1)] for i in range(count)]
+    if regime.crop is None:
+        return Selection(slices, None, None)
+    c, (height, width) = regime.crop, mito.shape[1:]
+    if c > min(height, width):
+        raise EmsynthError(
+            f"regime {regime.name!r}: crop {c} is larger than the {height}x{width} slices. "
+            "Fix: use a smaller regimes.crop"
+        )
+    corners = []
+    for z in slices:
+        best, best_share = (0, 0), -1.0
+        for _ in range(CROP_TRIES):
+            y, x = int(rng.integers(0, height - c + 1)), int(rng.integers(0, width - c + 1))
+            share = float(mito[z, y:y + c, x:x + c].mean())
+            if share > best_share:
+                best, best_share = (y, x), share
+            if share >= regime.min_foreground:
+                break
+        corners.append(best)
+    return Selection(slices, corners, c)
+
+
+def cut(volume: Volume, selection: Selection, labels: dict[str, np.ndarray] | None = None
+        ) -> Volume:
+    """The selected slices (cropped) of `volume`; `labels` (full selected slices, in selection
+    order) replace or add label channels."""
+    part = volume.select(selection.slices)
+    channels = dict(part.labels)
+    channels.update(labels or {})
+    if selection.corners is None:
+        return Volume(part.image, channels, part.pixel_size_nm, part.source, part.slice_names)
+    c = selection.crop
+
+    def crop(stack: np.ndarray) -> np.ndarray:
+        return np.stack([plane[y:y + c, x:x + c]
+                         for plane, (y, x) in zip(stack, selection.corners, strict=True)])
+
+    return Volume(crop(part.image), {k: crop(v) for k, v in channels.items()},
+                  part.pixel_size_nm, f"{part.source} (crops of {c} px)", part.slice_names)
+
+
+# --- masks for synthesis ---------------------------------------------------------------------
+
+def deformed_masks(volume: Volume, channels: list[str], count: int, size: int, seed: int,
+                   elastic_sigma: float, elastic_spacing: int, scale_range: float
+                   ) -> dict[str, np.ndarray]:
+    """`count` random square crops of the volume's masks, each flipped/rotated and elastically
+    deformed with the segmentation stage's augmentation (labels re-thresholded at 0.5)."""
+    side = min(size, *volume.shape[1:])
+    rng = np.random.default_rng([seed, 0x5EED])
+    aug = AugmentConfig(dihedral=True, elastic_prob=1.0 if elastic_sigma > 0 else 0.0,
+                        elastic_sigma=elastic_sigma, elastic_spacing=elastic_spacing,
+                        scale_range=scale_range)
+    out = {name: np.empty((count, side, side), bool) for name in channels}
+    for i in range(count):
+        z = rng.integers(0, len(volume))
+        y0 = rng.integers(0, volume.shape[1] - side + 1)
+        x0 = rng.integers(0, volume.shape[2] - side + 1)
+        crop = np.stack([volume.labels[name][z, y0:y0 + side, x0:x0 + side]
+                         for name in channels]).astype(np.float32)[None]
+        params = augment.draw_params(rng, aug, 1, side)
+        # apply() warps "image" channels bilinearly and thresholds the "label": pass the first
+        # mask as the label and threshold the rest here, with no intensity changes.
+        rest, first = augment.apply(torch.from_numpy(crop[:, 1:]),
+                                    torch.from_numpy(crop[:, :1]), params, [])
+        warped = torch.cat([first, rest], 1)[0].numpy() >= 0.5
+        for c, name in enumerate(channels):
+            out[name][i] = warped[c]
+    return out
+
+
+def procedural_masks(volume: Volume, channels: list[str], count: int, size: int, seed: int,
+                     domain: str, fit: bool) -> tuple[dict[str, np.ndarray], str]:
+    """`count` independent phantom mask sets of `size` px (one tissue seed each, so unlike the
+    slices of one phantom volume they are not near-duplicates), from `domain`, with its
+    geometry first fitted to the volume's masks when `fit`. Returns the masks and a label."""
+    chosen = get_domain(domain)
+    if fit:
+        target = mask_statistics(volume.labels[MITO], volume.labels.get(MEMBRANE))
+        side = min(size, *volume.shape[1:])
+        chosen = fit_domain(target, chosen, shape=(side, side))
+    pairs = [generate_masks(chosen, (size, size), seed * 1_000_003 + i) for i in range(count)]
+    found = {MITO: np.stack([p[0] for p in pairs]), MEMBRANE: np.stack([p[1] for p in pairs])}
+    label = f"procedural ({domain}{', fitted to the real masks' if fit else ''})"
+    return {name: found[name] for name in channels}, label
+
+
+def mask_volume(masks: dict[str, np.ndarray], source: str) -> Volume:
+    """Masks as a Volume (blank image) for emsynth.synthesis.synthesize_volume."""
+    shape = next(iter(masks.values())).shape
+    return Volume(np.zeros(shape, np.uint8), masks, source=source)

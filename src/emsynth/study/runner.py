@@ -1,0 +1,410 @@
+"""`run_study(cfg, study_dir)`: plan every cell of the study, then run those not yet done.
+
+Order: the membrane model (when the study trains one), then for each seed and each regime the
+GAN + synthesis cell, one segmenter per condition and one test evaluation per segmenter. Seeds
+are the outer loop, so a study stopped early holds complete replicates. The plan and every
+cell's key go to `study.json` (what the report reads); cells live in `cells/<kind>-<key>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from emsynth.config import dump_config
+from emsynth.data.volume import MEMBRANE, MITO, Volume
+from emsynth.engine import runinfo
+from emsynth.engine.trainer import resolve_precision
+from emsynth.errors import EmsynthError
+from emsynth.io import atomic_write_text
+from emsynth.segment.sampling import IMAGE, segment_data
+from emsynth.study import cells
+from emsynth.study import data as study_data
+from emsynth.study.cache import (
+    CELLS_DIR,
+    FORMAT,
+    PREVIEWS_DIR,
+    STUDY_JSON,
+    STUDY_YAML,
+    Cell,
+    CellSpec,
+    canonical_json,
+    hash_arrays,
+    hash_files,
+    plain,
+    sha256_text,
+)
+from emsynth.study.config import REAL, StudyConfig
+
+#: Bump when what a kind of cell computes changes, so old results are not reused.
+CELL_VERSIONS = {"membrane-model": 1, "gan": 1, "segment": 1, "eval": 1}
+
+
+@dataclass
+class Planned:
+    """A cell with the work that produces it."""
+
+    cell: Cell
+    work: Callable[[], dict[str, Any]]
+    budget_s: float | None = None  # the engine's max_time, for the ETA before any timing
+
+
+@dataclass
+class StudyState:
+    """What the plan shares between cells: data, blocks and per-seed selections."""
+
+    cfg: StudyConfig
+    study_dir: Path
+    source: study_data.Source
+    blocks: study_data.Blocks
+    test: Volume
+    test_key: str
+    test_description: str
+    membrane_identity: dict[str, Any] | None = None
+    membrane_model_dir: Path | None = None
+    membrane_cache: Path | None = None
+    selections: dict[tuple[str, int], study_data.Selection] = field(default_factory=dict)
+
+
+# --- progress --------------------------------------------------------------------------------
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class StudyProgress:
+    """Cells done / total with an ETA, printed as a line between cells (each training shows
+    its own engine progress bar meanwhile, so a second live display would garble both).
+
+    The ETA sums, over the cells still to run, the mean duration of finished cells of the same
+    kind (from this session and from the records of earlier ones), else the cell's training
+    budget (max_time); evaluation cells without a timing yet count as nothing.
+    """
+
+    def __init__(self, planned: list[Planned], console: Console):
+        self.console = console
+        self.planned = planned
+        self.durations: dict[str, list[float]] = {}
+        for item in planned:
+            record = item.cell.record() if item.cell.done else None
+            if record and record.get("duration_s") is not None:
+                self.durations.setdefault(item.cell.spec.kind, []).append(record["duration_s"])
+        self.progress = Progress(
+            TextColumn("[bold]study"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn("cells"), TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
+            TextColumn("{task.fields[status]}"), console=console,
+        )
+        self.task = self.progress.add_task("study", total=len(planned), eta="--:--", status="")
+        self.done = 0
+
+    def estimate(self, item: Planned) -> float:
+        kind = item.cell.spec.kind
+        if self.durations.get(kind):
+            return float(np.mean(self.durations[kind]))
+        return item.budget_s or 0.0
+
+    def eta(self, remaining: list[Planned]) -> float:
+        return float(sum(self.estimate(item) for item in remaining))
+
+    def show(self, status: str, remaining: list[Planned]) -> None:
+        self.progress.update(self.task, completed=self.done,
+                             eta=format_duration(self.eta(remaining)), status=status)
+        self.console.print(self.progress.make_tasks_table(self.progress.tasks))
+
+    def finished(self, item: Planned, duration: float | None) -> None:
+        self.done += 1
+        if duration is not None:
+            self.durations.setdefault(item.cell.spec.kind, []).append(duration)
+
+
+def wide_console() -> Console:
+    """stderr console; 160 columns when it is a log file, so progress lines are not cut."""
+    console = Console(stderr=True)
+    return console if console.is_terminal else Console(stderr=True, width=160)
+
+
+def describe(spec: CellSpec) -> str:
+    labels = " ".join(f"{k}={v}" for k, v in spec.labels.items() if k != "pixels")
+    return f"{spec.kind} {labels}".strip()
+
+
+# --- planning --------------------------------------------------------------------------------
+
+def _membrane_setup(state: StudyState, planned: list[Planned]) -> None:
+    """Work out where membranes come from; add the membrane-model cell when one is trained."""
+    cfg, m = state.cfg, state.cfg.membranes
+    if MEMBRANE not in cfg.gan.data.channels or not cfg.uses_synthetic:
+        return
+    if m.source == "labels":
+        if MEMBRANE not in state.source.volume.labels:
+            raise EmsynthError(
+                f"{cfg.data.source}: has no membrane labels for the GAN's membrane channel. "
+                "Fix: set membranes.source=model (with membranes.model_dir or "
+                'membranes.train_config), or gan.data.channels=["mito"]'
+            )
+        return
+    if m.source == "folder":
+        folder = study_data.resolve_path(m.folder, "membranes.folder",
+                                         "pass a slice folder with membranes/")
+        labels = cells.folder_membranes(folder, state.source.volume)
+        state.source.volume.labels[MEMBRANE] = labels
+        state.membrane_identity = {"folder": hash_arrays(labels)}
+        return
+    if m.model_dir is not None:
+        model_dir = study_data.resolve_path(m.model_dir, "membranes.model_dir",
+                                            "pass the run folder of emsynth membranes train")
+        model_key = hash_files(cells.membrane_model_files(model_dir))
+    else:
+        config_path = study_data.resolve_path(m.train_config, "membranes.train_config",
+                                              "pass a YAML file from configs/membranes/")
+        from emsynth.config import load_config
+        from emsynth.membranes.config import MembraneConfig
+
+        membrane_cfg = load_config(MembraneConfig, config_path)
+        spec = CellSpec("membrane-model", CELL_VERSIONS["membrane-model"],
+                        {"config": membrane_cfg.model_dump(mode="json")},
+                        labels={"config": str(m.train_config)})
+        cell = Cell(state.study_dir, spec)
+        planned.append(Planned(cell, lambda: cells.train_membrane_model(cell, config_path),
+                               membrane_cfg.engine.max_time))
+        model_dir = cell.dir / cells.MEMBRANE_RUN
+        model_key = spec.key
+    state.membrane_model_dir = model_dir
+    state.membrane_identity = {"model": model_key, "threshold": m.threshold,
+                               "thin_width": m.thin_width, "data": state.source.key}
+    # Predicted slices are cached one PNG each, in a folder named by what determines them.
+    name = f"membranes-{sha256_text(canonical_json(state.membrane_identity))[:16]}"
+    state.membrane_cache = state.study_dir / CELLS_DIR / name
+
+
+def _regime_volume(state: StudyState, regime, seed: int, with_membranes: bool) -> Volume:
+    """The real annotated data of a regime and seed (membranes added for the GAN)."""
+    selection = state.selections[(regime.name, seed)]
+    volume = state.source.volume
+    extra = {}
+    if with_membranes and state.membrane_model_dir is not None:
+        device = cells.inference_device(state.cfg.gan.engine)
+        m = state.cfg.membranes
+        extra[MEMBRANE] = cells.predicted_membranes(
+            state.membrane_cache, state.membrane_model_dir, volume, selection.slices,
+            m.threshold, m.thin_width, device,
+            resolve_precision(state.cfg.gan.engine.precision, device))
+    keep = {MITO} | ({MEMBRANE} if with_membranes else set())
+    trimmed = Volume(volume.image, {k: v for k, v in volume.labels.items() if k in keep},
+                     volume.pixel_size_nm, volume.source, volume.slice_names)
+    return study_data.cut(trimmed, selection, extra)
+
+
+def plan_study(state: StudyState) -> list[Planned]:
+    cfg, study_dir = state.cfg, state.study_dir
+    planned: list[Planned] = []
+    _membrane_setup(state, planned)
+    volume = state.source.volume
+    shape = volume.shape[1:]
+    val_volume = volume.select(state.blocks.val)
+    val_key = hash_arrays(val_volume.image, val_volume.labels[MITO])
+    val_cache: dict[str, Any] = {}
+
+    def val_data():
+        if "val" not in val_cache:
+            val_cache["val"] = segment_data(val_volume, [IMAGE], MITO)
+        return val_cache["val"]
+
+    gan_cfg = cfg.gan_config()
+    with_membranes = MEMBRANE in gan_cfg.data.channels
+    eval_precision = resolve_precision(cfg.segment.engine.precision,
+                                       cells.inference_device(cfg.segment.engine))
+    for seed in cfg.seeds:
+        for regime in cfg.regimes:
+            selection = study_data.select(regime, state.blocks.train, seed, volume.labels[MITO])
+            state.selections[(regime.name, seed)] = selection
+            real = study_data.cut(volume, selection)
+            real_key = hash_arrays(real.image, real.labels[MITO])
+            labels = {"regime": regime.name, "seed": seed, "pixels": selection.pixels(shape)}
+
+            gan_cell = None
+            if cfg.uses_synthetic:
+                inputs = {"real": real_key}
+                if with_membranes:
+                    inputs["membranes"] = (
+                        hash_arrays(real.labels[MEMBRANE]) if state.membrane_identity is None
+                        else sha256_text(canonical_json({**state.membrane_identity,
+                                                         "selection": selection.as_dict()})))
+                spec = CellSpec("gan", CELL_VERSIONS["gan"], {
+                    "gan": gan_cfg.model_dump(mode="json"),
+                    "synthesis": cfg.synthesis.model_dump(mode="json"),
+                    "seed": seed}, inputs, labels)
+                gan_cell = Cell(study_dir, spec)
+
+                def gan_work(cell=gan_cell, regime=regime, seed=seed):
+                    real_data = _regime_volume(state, regime, seed, with_membranes)
+                    return cells.run_gan(cell, cfg, real_data, seed,
+                                         cells.inference_device(cfg.gan.engine))
+
+                planned.append(Planned(gan_cell, gan_work, gan_cfg.engine.max_time))
+
+            seg_settings = cells.segment_config(cfg, seed).model_dump(mode="json", exclude={"data"})
+            for condition in cfg.conditions:
+                inputs = {"val": val_key}
+                if condition != "synthetic":
+                    inputs["real"] = real_key
+                if condition != REAL:
+                    inputs["gan"] = gan_cell.spec.key
+                settings = {"segment": seg_settings, "condition": condition}
+                if condition == "real+synthetic":
+                    settings["synthetic_share"] = cfg.mix.synthetic_share
+                seg_labels = {**labels, "condition": condition}
+                seg_cell = Cell(study_dir, CellSpec("segment", CELL_VERSIONS["segment"],
+                                                    settings, inputs, seg_labels))
+
+                def seg_work(cell=seg_cell, condition=condition, seed=seed, regime=regime,
+                             gan_cell=gan_cell):
+                    real_data = segment_data(_regime_volume(state, regime, seed, False),
+                                             [IMAGE], MITO)
+                    synthetic = cells.synthetic_data(gan_cell) if condition != REAL else None
+                    return cells.run_segment(cell, cfg, condition, seed, real_data, synthetic,
+                                             val_data())
+
+                planned.append(Planned(seg_cell, seg_work, cfg.segment.engine.max_time))
+                eval_cell = Cell(study_dir, CellSpec(
+                    "eval", CELL_VERSIONS["eval"], {"precision": eval_precision},
+                    {"segmenter": seg_cell.spec.key, "test": state.test_key}, seg_labels))
+
+                def eval_work(cell=eval_cell, seg_cell=seg_cell):
+                    return cells.run_eval(cell, seg_cell, state.test,
+                                          cells.inference_device(cfg.segment.engine),
+                                          eval_precision)
+
+                planned.append(Planned(eval_cell, eval_work))
+    return planned
+
+
+# --- the study index -------------------------------------------------------------------------
+
+def write_index(state: StudyState, planned: list[Planned], status: str,
+                started_at: str) -> dict[str, Any]:
+    cfg = state.cfg
+    shape = state.source.volume.shape
+    regimes = []
+    for regime in cfg.regimes:
+        per_seed = {str(seed): {**state.selections[(regime.name, seed)].as_dict(),
+                                "pixels": state.selections[(regime.name, seed)].pixels(shape[1:])}
+                    for seed in cfg.seeds}
+        regimes.append({**regime.model_dump(mode="json"), "per_seed": per_seed})
+    index = {
+        "format": FORMAT,
+        "name": cfg.name,
+        "status": status,
+        "started_at": started_at,
+        "updated_at": runinfo.now_iso(),
+        "config": cfg.model_dump(mode="json"),
+        "data": {"description": state.source.description, "key": state.source.key,
+                 "shape": list(shape), "blocks": plain(vars(state.blocks))},
+        "test": {"description": state.test_description, "key": state.test_key,
+                 "slices": len(state.test)},
+        "regimes": regimes,
+        "cells": [{"name": p.cell.spec.name, "kind": p.cell.spec.kind, "key": p.cell.spec.key,
+                   "labels": p.cell.spec.labels, "done": p.cell.done} for p in planned],
+        "versions": runinfo.versions(),
+        "git": runinfo.git_state(),
+        "command": runinfo.command_line(),
+    }
+    atomic_write_text(state.study_dir / STUDY_JSON, json.dumps(plain(index), indent=2) + "\n")
+    atomic_write_text(state.study_dir / STUDY_YAML, dump_config(cfg))
+    return index
+
+
+def write_real_previews(state: StudyState) -> None:
+    """Real training data of every regime (first seed) for the report's figure grids."""
+    seed = state.cfg.seeds[0]
+    channels = list(state.cfg.gan.data.channels) if state.cfg.uses_synthetic else [MITO]
+    for regime in state.cfg.regimes:
+        path = state.study_dir / PREVIEWS_DIR / f"real_{regime.name}.npz"
+        volume = study_data.cut(state.source.volume, state.selections[(regime.name, seed)])
+        cells.save_preview(path, **cells.preview_of(volume, channels))
+
+
+# --- running ---------------------------------------------------------------------------------
+
+def prepare(cfg: StudyConfig, study_dir: Path) -> StudyState:
+    """Load the data, split it and load the test set."""
+    source = study_data.load_source(cfg.data, "data")
+    blocks = study_data.split(cfg, len(source.volume))
+    if cfg.test is None:
+        test = source.volume.select(blocks.test)
+        description = (f"slices {blocks.test[0]}-{blocks.test[-1]} of the data "
+                       "(held-out contiguous block)")
+    else:
+        loaded = study_data.load_source(cfg.test, "test")
+        test, description = loaded.volume, loaded.description
+    test_key = hash_arrays(test.image, test.labels[MITO])
+    return StudyState(cfg, Path(study_dir), source, blocks, test, test_key, description)
+
+
+def run_study(cfg: StudyConfig, study_dir: str | Path, resume: bool = True,
+              console: Console | None = None) -> dict[str, Any]:
+    """Run every unfinished cell; returns the study index (study.json)."""
+    threads = torch.get_num_threads()
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _run(cfg, Path(study_dir), resume, console or wide_console())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console) -> dict[str, Any]:
+    study_dir.mkdir(parents=True, exist_ok=True)
+    started_at = runinfo.now_iso()
+    state = prepare(cfg, study_dir)
+    planned = plan_study(state)
+    if not resume:
+        for item in planned:
+            item.cell.clear()
+        if state.membrane_cache is not None:
+            shutil.rmtree(state.membrane_cache, ignore_errors=True)
+    write_index(state, planned, "running", started_at)
+    write_real_previews(state)
+    progress = StudyProgress(planned, console)
+    cached = [p for p in planned if p.cell.done]
+    for item in cached:
+        progress.finished(item, None)
+    if cached:
+        console.print(f"{len(cached)} of {len(planned)} cells already done (skipped)")
+    todo = [p for p in planned if not p.cell.done]
+    for position, item in enumerate(todo):
+        progress.show(f"running {describe(item.cell.spec)}", todo[position:])
+        record = item.cell.start()
+        try:
+            result = item.work()
+        except KeyboardInterrupt as err:  # outside training (which stops cleanly by itself)
+            item.cell.fail(record, err)
+            write_index(state, planned, "interrupted", started_at)
+            raise cells.StudyInterrupted(
+                f"{item.cell.dir}: interrupted. Fix: rerun the same command to resume; "
+                "finished cells are kept") from None
+        except BaseException as err:
+            item.cell.fail(record, err)
+            write_index(state, planned, "failed", started_at)
+            raise
+        duration = item.cell.finish(record, result)
+        item.cell.drop_checkpoints()
+        progress.finished(item, duration)
+        console.print(f"[green]done[/] {describe(item.cell.spec)} in "
+                      f"{format_duration(duration)}", highlight=False)
+    progress.show("finished", [])
+    return write_index(state, planned, "finished", started_at)

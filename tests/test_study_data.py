@@ -1,0 +1,142 @@
+"""The study's data helpers: z-block splits, regime selections, crops, masks for synthesis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from emsynth.data.phantom import generate_volume, mask_statistics
+from emsynth.data.volume import MEMBRANE, MITO
+from emsynth.errors import EmsynthError
+from emsynth.study import data
+from emsynth.study.config import RegimeConfig, SourceConfig, StudyConfig
+
+
+def _regime(slices, crop=None) -> RegimeConfig:
+    return RegimeConfig(name="r", slices=slices, crop=crop)
+
+
+def _mito(z: int, h: int, w: int) -> np.ndarray:
+    return np.zeros((z, h, w), bool)
+
+
+def test_selection_is_evenly_spaced_seeded_and_inside_the_training_block():
+    train = list(range(40))
+    mito = _mito(50, 100, 100)
+    picks = {seed: data.select(_regime(5), train, seed, mito) for seed in range(6)}
+    for sel in picks.values():
+        assert len(sel.slices) == 5 and set(sel.slices) <= set(train)
+        gaps = np.diff(sel.slices)
+        assert gaps.min() >= 7 and gaps.max() <= 9  # stride 8, rounded down from an offset
+        assert sel.corners is None and sel.pixels((100, 100)) == 5 * 100 * 100
+    assert len({tuple(s.slices) for s in picks.values()}) > 1  # the seed moves the grid
+    assert data.select(_regime(5), train, 3, mito).slices == picks[3].slices
+    assert data.select(_regime("all"), train, 0, mito).slices == train
+
+
+def test_crops_are_seeded_and_fit():
+    mito = _mito(10, 64, 80)
+    sel = data.select(_regime(2, crop=32), list(range(10)), 1, mito)
+    assert sel.crop == 32 and len(sel.corners) == 2
+    assert all(0 <= y <= 32 and 0 <= x <= 48 for y, x in sel.corners)
+    assert sel.pixels((64, 80)) == 2 * 32 * 32
+    assert data.select(_regime(2, crop=32), list(range(10)), 1, mito) == sel
+    with pytest.raises(EmsynthError, match="larger than"):
+        data.select(_regime(1, crop=65), list(range(10)), 0, mito)
+    with pytest.raises(EmsynthError, match="training block has 10"):
+        data.select(_regime(11), list(range(10)), 0, mito)
+
+
+def test_crops_contain_mitochondria():
+    mito = _mito(4, 200, 200)
+    mito[:, 150:190, 20:60] = True  # one object in a corner: 4% of a slice
+    for seed in range(5):
+        regime = RegimeConfig(name="c", slices=2, crop=64, min_foreground=0.05)
+        sel = data.select(regime, [0, 1, 2, 3], seed, mito)
+        for z, (y, x) in zip(sel.slices, sel.corners):
+            assert mito[z, y:y + 64, x:x + 64].mean() >= 0.05
+    # 0 accepts the first draw; an impossible share keeps the fullest of the draws.
+    anywhere = data.select(RegimeConfig(name="c", slices=2, crop=64, min_foreground=0.0),
+                           [0, 1, 2, 3], 0, mito)
+    assert anywhere.crop == 64
+    fullest = data.select(RegimeConfig(name="c", slices=1, crop=64, min_foreground=0.9),
+                          [0, 1, 2, 3], 0, mito)
+    (y, x), = fullest.corners
+    assert mito[fullest.slices[0], y:y + 64, x:x + 64].mean() > 0.2
+
+
+def test_selection_does_not_depend_on_the_regime_name_or_order():
+    mito = _mito(30, 50, 50)
+    a = data.select(RegimeConfig(name="x", slices=3, crop=16), list(range(30)), 2, mito)
+    b = data.select(RegimeConfig(name="y", slices=3, crop=16), list(range(30)), 2, mito)
+    assert a == b
+
+
+def test_cut_crops_image_and_labels_alike():
+    volume = generate_volume("ca1", 4, (64, 64), seed=0)
+    sel = data.Selection(slices=[1, 3], corners=[(0, 10), (20, 5)], crop=16)
+    extra = {"membrane": np.ones((2, 64, 64), bool)}
+    part = data.cut(volume, sel, extra)
+    assert part.shape == (2, 16, 16)
+    assert np.array_equal(part.image[1], volume.image[3, 20:36, 5:21])
+    assert np.array_equal(part.labels[MITO][0], volume.labels[MITO][1, 0:16, 10:26])
+    assert part.labels[MEMBRANE].all()  # replaced by the given labels
+
+
+def test_split_blocks_and_missing_test():
+    cfg = StudyConfig.model_validate({
+        "data": {"source": "phantom:ca1"}, "regimes": [{"name": "a", "slices": 1}],
+        "split": {"val_block": 3, "test_block": 4, "gap": 1}})
+    blocks = data.split(cfg, 20)
+    assert blocks.train == list(range(11)) and blocks.val == [12, 13, 14]
+    assert blocks.test == [16, 17, 18, 19]
+    cfg.split.test_block = 0
+    with pytest.raises(EmsynthError, match="nothing to score"):
+        data.split(cfg, 20)
+
+
+def test_deformed_masks_keep_shapes_plausible():
+    volume = generate_volume("ca1", 2, (128, 128), seed=1)  # 17% mitochondria
+    masks = data.deformed_masks(volume, [MITO, MEMBRANE], count=6, size=96, seed=0,
+                                elastic_sigma=6.0, elastic_spacing=32, scale_range=0.1)
+    assert masks[MITO].shape == (6, 96, 96) and masks[MEMBRANE].dtype == bool
+    real = volume.labels[MITO].mean()
+    assert abs(masks[MITO].mean() - real) < 0.5 * real  # deformed, not destroyed
+    assert not np.array_equal(masks[MITO][0], masks[MITO][1])
+    same = data.deformed_masks(volume, [MITO, MEMBRANE], 6, 96, 0, 6.0, 32, 0.1)
+    assert all(np.array_equal(same[k], masks[k]) for k in masks)  # seeded
+    # Larger than the data: the crops shrink to the slice.
+    assert data.deformed_masks(volume, [MITO], 2, 512, 0, 0.0, 32, 0.0)[MITO].shape == (2, 128, 128)
+
+
+def test_procedural_masks_fit_the_real_masks():
+    volume = generate_volume("vnc", 2, (256, 256), seed=1)
+    masks, label = data.procedural_masks(volume, [MITO, MEMBRANE], 2, 128, 0, "ca1", fit=False)
+    assert label == "procedural (ca1)" and masks[MITO].shape == (2, 128, 128)
+    assert not np.array_equal(masks[MEMBRANE][0], masks[MEMBRANE][1])  # independent tissues
+    fitted, label = data.procedural_masks(volume, [MITO, MEMBRANE], 4, 256, 0, "ca1", fit=True)
+    assert "fitted" in label
+    plain, _ = data.procedural_masks(volume, [MITO, MEMBRANE], 4, 256, 0, "ca1", fit=False)
+    got = mask_statistics(fitted[MITO], fitted[MEMBRANE])
+    want = mask_statistics(volume.labels[MITO], volume.labels[MEMBRANE])
+    ca1 = mask_statistics(plain[MITO], plain[MEMBRANE])
+    # Fitting the ca1 geometry to vnc masks moves the membrane share towards vnc's.
+    assert abs(got.membrane_fraction - want.membrane_fraction) < abs(
+        ca1.membrane_fraction - want.membrane_fraction)
+    only_mito, _ = data.procedural_masks(volume, [MITO], 1, 64, 0, "vnc", fit=False)
+    assert list(only_mito) == [MITO]
+
+
+def test_resolve_path_falls_back_to_the_repo_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    found = data.resolve_path("configs/study/demo.yaml", "config", "fix it")
+    assert found.is_file() and found.is_absolute()
+    with pytest.raises(EmsynthError, match="not found"):
+        data.resolve_path("configs/none.yaml", "config", "fix it")
+
+
+def test_phantom_source_is_deterministic():
+    cfg = SourceConfig(source="phantom:ca1", phantom_slices=3, phantom_size=64, phantom_seed=2)
+    assert data.load_source(cfg).key == data.load_source(cfg).key
+    other = cfg.model_copy(update={"phantom_seed": 3})
+    assert data.load_source(other).key != data.load_source(cfg).key

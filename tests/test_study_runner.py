@@ -1,0 +1,280 @@
+"""The study runner on a tiny phantom study (real-data condition only, so no GAN): planning,
+skipping finished cells, losing only the cell in flight on a crash, a new test set re-running
+only the evaluations, and the report it feeds."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from emsynth.cli import app
+from emsynth.config import load_config
+from emsynth.data.phantom import generate_volume
+from emsynth.data.volume import MEMBRANE
+from emsynth.data.writers import write_slice_folder
+from emsynth.errors import EmsynthError
+from emsynth.report import build_report
+from emsynth.report.stats import summarize
+from emsynth.study import cells, runner
+from emsynth.study.config import StudyConfig
+
+TINY_ENGINE = {"steps": 4, "precision": "fp32", "device": "cpu", "checkpoint_every": 2,
+               "log_every": 2, "val_every": 0, "image_every": 0}
+
+
+def tiny_config(**changes) -> dict:
+    cfg = {
+        "name": "tiny",
+        # 128 px, seed 3: about 11% mitochondria (small phantoms can hold none at all)
+        "data": {"source": "phantom:ca1", "phantom_slices": 12, "phantom_size": 128,
+                 "phantom_seed": 3},
+        "split": {"val_block": 2, "test_block": 2, "gap": 1},
+        "regimes": [{"name": "crop32", "slices": 1, "crop": 32}, {"name": "2slices", "slices": 2}],
+        "seeds": [0, 1],
+        "num_threads": 1,
+        "conditions": ["real"],
+        "segment": {
+            "engine": TINY_ENGINE,
+            "sampling": {"patch_size": 32, "batch_size": 2},
+            "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+            "infer": {"window": 64, "sw_batch_size": 2},
+        },
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def write_config(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Count the segmenter trainings and evaluations the runner starts."""
+    counts = {"segment": 0, "eval": 0}
+    original_segment, original_eval = cells.run_segment, cells.run_eval
+
+    def run_segment(*args, **kwargs):
+        counts["segment"] += 1
+        return original_segment(*args, **kwargs)
+
+    def run_eval(*args, **kwargs):
+        counts["eval"] += 1
+        return original_eval(*args, **kwargs)
+
+    monkeypatch.setattr(cells, "run_segment", run_segment)
+    monkeypatch.setattr(cells, "run_eval", run_eval)
+    return counts
+
+
+def test_run_skip_and_report(tmp_path, calls):
+    cfg = StudyConfig.model_validate(tiny_config())
+    study = tmp_path / "study"
+    index = runner.run_study(cfg, study)
+    assert calls == {"segment": 4, "eval": 4}  # 2 regimes x 2 seeds x 1 condition
+    assert index["status"] == "finished"
+    assert [c["kind"] for c in index["cells"]] == ["segment", "eval"] * 4
+    assert all(c["done"] for c in index["cells"])
+    blocks = index["data"]["blocks"]
+    assert blocks == {"train": list(range(6)), "val": [7, 8], "test": [10, 11]}
+    crop = index["regimes"][0]["per_seed"]
+    assert crop["0"]["crop"] == 32 and crop["0"]["slices"][0] in blocks["train"]
+    assert crop["0"] != crop["1"]  # the seed re-draws the slice and the crop
+    assert index["regimes"][1]["per_seed"]["0"]["pixels"] == 2 * 128 * 128
+
+    # Provenance of every cell: config, seed, versions, git, timing.
+    for entry in index["cells"]:
+        record = json.loads((study / "cells" / entry["name"] / "cell.json").read_text())
+        assert record["status"] == "done" and record["duration_s"] > 0
+        assert record["versions"]["torch"] and "commit" in record["git"]
+        assert record["labels"]["seed"] in (0, 1)
+    first = study / "cells" / index["cells"][0]["name"]
+    assert (first / "model" / "model.safetensors").is_file()
+    assert not (first / "run" / "checkpoints").exists()  # dropped once the cell is done
+    segment = json.loads((first / "result.json").read_text())
+    assert segment["steps"] == 4 and 0.0 < segment["threshold"] < 1.0
+
+    # A second run trains and evaluates nothing and leaves the results untouched.
+    results_before = {p: p.read_text() for p in study.glob("cells/*/result.json")}
+    runner.run_study(cfg, study)
+    assert calls == {"segment": 4, "eval": 4}
+    assert {p: p.read_text() for p in study.glob("cells/*/result.json")} == results_before
+
+    results, html_path, md_path = build_report(study)
+    assert results.missing == 0
+    for regime in ("crop32", "2slices"):
+        iou = results.scores["iou"][(regime, "real")]
+        assert sorted(iou) == [0, 1]
+        expected = summarize([iou[0], iou[1]])
+        assert expected.text() in md_path.read_text()
+    html = html_path.read_text()
+    sources = re.findall(r"""src=['"]([^'"]*)['"]""", html)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<link" not in html and "http://" not in html and "https://" not in html
+    assert (study / "figures" / "iou_vs_regime.png").is_file()
+    assert (study / "figures" / "test_predictions.png").is_file()
+    assert (study / "figures" / "data_crop32.png").is_file()
+    assert "figures/iou_vs_regime.png" in md_path.read_text()
+
+
+def test_crash_loses_only_the_cell_in_flight(tmp_path, calls, monkeypatch):
+    cfg = StudyConfig.model_validate(tiny_config())
+    study = tmp_path / "study"
+    working = cells.run_segment
+
+    def crash_on_third(*args, **kwargs):
+        if calls["segment"] == 2:  # two trainings done: the third one crashes
+            raise RuntimeError("simulated crash")
+        return working(*args, **kwargs)
+
+    monkeypatch.setattr(cells, "run_segment", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        runner.run_study(cfg, study)
+    assert calls == {"segment": 2, "eval": 2}
+    index = json.loads((study / "study.json").read_text())
+    assert index["status"] == "failed"
+    done = [c["done"] for c in index["cells"]]
+    assert done == [True, True, True, True, False, False, False, False]
+    crashed = study / "cells" / index["cells"][4]["name"] / "cell.json"
+    failed = json.loads(crashed.read_text())
+    assert failed["status"] == "failed" and "simulated crash" in failed["error"]
+
+    monkeypatch.setattr(cells, "run_segment", working)
+    runner.run_study(cfg, study)
+    # Only the crashed cell and the ones after it ran.
+    assert calls == {"segment": 2 + 2, "eval": 2 + 2}
+    failed_again = json.loads(crashed.read_text())
+    assert failed_again["status"] == "done" and failed_again["attempts"] == 2
+
+
+def test_other_test_set_reruns_only_evaluations(tmp_path, calls):
+    study = tmp_path / "study"
+    runner.run_study(StudyConfig.model_validate(tiny_config(seeds=[0])), study)
+    assert calls == {"segment": 2, "eval": 2}
+    other = tiny_config(seeds=[0], test={"source": "phantom:ca1", "phantom_slices": 3,
+                                         "phantom_size": 128, "phantom_seed": 1})
+    index = runner.run_study(StudyConfig.model_validate(other), study)
+    assert calls == {"segment": 2, "eval": 4}
+    assert index["test"]["slices"] == 3 and "seed 1" in index["test"]["description"]
+    # A changed training setting re-runs the segmenters (and their evaluations) too.
+    longer = tiny_config(seeds=[0])
+    longer["segment"]["engine"] = {**TINY_ENGINE, "steps": 5}
+    runner.run_study(StudyConfig.model_validate(longer), study)
+    assert calls == {"segment": 4, "eval": 6}
+
+
+def test_no_resume_redoes_cells(tmp_path, calls):
+    cfg = StudyConfig.model_validate(tiny_config(seeds=[0], regimes=[
+        {"name": "1slice", "slices": 1}]))
+    runner.run_study(cfg, tmp_path)
+    runner.run_study(cfg, tmp_path, resume=False)
+    assert calls == {"segment": 2, "eval": 2}
+
+
+def test_a_signal_stop_leaves_the_cell_unfinished(tmp_path, calls, monkeypatch):
+    cfg = StudyConfig.model_validate(tiny_config(seeds=[0], regimes=[
+        {"name": "1slice", "slices": 1}]))
+    real_train = cells.train
+
+    def stopped_by_sigterm(*args, **kwargs):
+        return {**real_train(*args, **kwargs), "stop_reason": "signal:SIGTERM"}
+
+    monkeypatch.setattr(cells, "train", stopped_by_sigterm)
+    with pytest.raises(cells.StudyInterrupted, match="rerun the same command") as caught:
+        runner.run_study(cfg, tmp_path)
+    assert caught.value.exit_code == 130
+    index = json.loads((tmp_path / "study.json").read_text())
+    assert index["status"] == "failed" and not any(c["done"] for c in index["cells"])
+    monkeypatch.setattr(cells, "train", real_train)
+    index = runner.run_study(cfg, tmp_path)
+    assert all(c["done"] for c in index["cells"]) and calls["segment"] == 2
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(EmsynthError, match="smaller than the GAN"):
+        load_config(StudyConfig, write_config(tmp_path, tiny_config(
+            conditions=["real", "synthetic"])))
+    with pytest.raises(EmsynthError, match="regime names"):
+        load_config(StudyConfig, write_config(tmp_path, tiny_config(
+            regimes=[{"name": "a", "slices": 1}, {"name": "a", "slices": 2}])))
+    with pytest.raises(EmsynthError, match="segment.data"):
+        bad = tiny_config()
+        bad["segment"]["data"] = {"val_block": 3}
+        load_config(StudyConfig, write_config(tmp_path, bad))
+    with pytest.raises(EmsynthError, match="training block has 6"):
+        runner.run_study(StudyConfig.model_validate(tiny_config(
+            regimes=[{"name": "many", "slices": 7}])), tmp_path / "s")
+    with pytest.raises(EmsynthError, match="unknown phantom domain"):
+        runner.run_study(StudyConfig.model_validate(tiny_config(
+            data={"source": "phantom:mouse"})), tmp_path / "s")
+    mito_only = generate_volume("ca1", 12, (128, 128), seed=3)
+    del mito_only.labels[MEMBRANE]
+    write_slice_folder(mito_only, tmp_path / "mito_only")
+    with pytest.raises(EmsynthError, match="no membrane labels"):
+        runner.run_study(StudyConfig.model_validate(tiny_config(
+            data={"source": str(tmp_path / "mito_only")}, conditions=["real", "synthetic"],
+            regimes=[{"name": "1slice", "slices": 1}])),
+            tmp_path / "s")
+
+
+def test_missing_source_is_a_one_line_error(tmp_path):
+    path = write_config(tmp_path, tiny_config(data={"source": "no/such/folder"}))
+    result = CliRunner().invoke(app, ["study", "run", str(path), "-o", str(tmp_path / "s")])
+    assert isinstance(result.exception, EmsynthError)
+    assert "no/such/folder" in str(result.exception) and "Fix:" in str(result.exception)
+
+
+def test_report_of_a_folder_without_study(tmp_path):
+    with pytest.raises(EmsynthError, match="study.json"):
+        build_report(tmp_path)
+
+
+def test_cli_test_data_scores_on_another_volume(tmp_path, calls):
+    other = generate_volume("ca1", 3, (128, 128), seed=1)
+    del other.labels[MEMBRANE]
+    write_slice_folder(other, tmp_path / "other")
+    config = write_config(tmp_path, tiny_config(seeds=[0], regimes=[
+        {"name": "1slice", "slices": 1}]))
+    study = tmp_path / "study"
+    args = ["study", "run", str(config), "-o", str(study), "--no-report"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    result = CliRunner().invoke(app, [*args, "--test-data", str(tmp_path / "other"),
+                                      "--test-layout", "slices"])
+    assert result.exit_code == 0, result.output
+    assert calls == {"segment": 1, "eval": 2}  # the same segmenter, scored on a new volume
+    index = json.loads((study / "study.json").read_text())
+    assert str(tmp_path / "other") in index["test"]["description"]
+    assert index["test"]["slices"] == 3
+    assert index["config"]["test"]["layout"] == "slices"
+
+
+def test_crash_inside_training_resumes_the_cell_from_its_checkpoint(tmp_path, monkeypatch):
+    from emsynth.segment.task import SegmentTask
+
+    cfg = StudyConfig.model_validate(tiny_config(seeds=[0], regimes=[
+        {"name": "1slice", "slices": 1}]))
+    real_step = SegmentTask.train_step
+    steps = []
+
+    def crash_at_step_3(self, batch, ctx):
+        steps.append(1)
+        if len(steps) == 3:  # the checkpoint of step 2 is on disk
+            raise RuntimeError("power cut")
+        return real_step(self, batch, ctx)
+
+    monkeypatch.setattr(SegmentTask, "train_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="power cut"):
+        runner.run_study(cfg, tmp_path)
+    index = runner.run_study(cfg, tmp_path)
+    segment_dir = tmp_path / "cells" / index["cells"][0]["name"]
+    run = json.loads((segment_dir / "run" / "run.json").read_text())
+    assert run["resumed_from"].endswith("step_00000002.pt") and run["start_step"] == 2
+    assert json.loads((segment_dir / "result.json").read_text())["steps"] == 4
+    assert len(steps) == 3 + 2  # two steps before the crash, then only steps 3 and 4
