@@ -1,0 +1,214 @@
+"""GAN image-quality metrics: FID/KID, grey-level distance, SSIM/PSNR, FCN-score, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import BasicUNet, UNet
+from torch import nn
+from typer.testing import CliRunner
+
+from emsynth.cli import app
+from emsynth.config import load_config
+from emsynth.data.phantom import generate_volume
+from emsynth.data.writers import write_slice_folder
+from emsynth.errors import EmsynthError
+from emsynth.gan.config import GanConfig
+from emsynth.gan.quality import (
+    PSNR_CAP_DB,
+    EncoderFeatures,
+    evaluate_generator,
+    frechet_distance,
+    grey_level_distance,
+    kernel_inception_distance,
+    random_crops,
+    ssim_psnr,
+)
+from emsynth.gan.train import train_gan
+from emsynth.segment.config import SegmentConfig
+from emsynth.segment.train import train_segmenter
+
+GAN_TINY = Path(__file__).resolve().parents[1] / "configs" / "gan" / "tiny.yaml"
+SEGMENT_TINY = [
+    "engine.steps=40", "engine.val_every=40", "engine.log_every=10",
+    "engine.checkpoint_every=0", "engine.image_every=0", "engine.num_threads=1",
+    "engine.precision=fp32", "engine.deterministic=true", "sampling.patch_size=64", "sampling.batch_size=8",
+    "sampling.foreground_fraction=0.3", "model.channels=[8,16,32]", "model.strides=[2,2]",
+    "model.num_res_units=1", "optim.lr=0.003", "optim.warmup_steps=5", "infer.window=64",
+    "data.val_block=2",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _features(seed: int, n: int = 200, d: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d))
+
+
+def test_fid_is_zero_for_a_set_and_its_copy_and_grows_with_a_shift():
+    a = _features(0)
+    assert frechet_distance(a, a.copy()) == pytest.approx(0.0, abs=1e-6)
+    # A mean shift of 1 in each of 8 dimensions adds |shift|^2 = 8 to the FID.
+    assert frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=1e-6)
+    # A second sample of the same distribution is close; a scaled one is not.
+    b = _features(1)
+    assert frechet_distance(a, b) < 0.5
+    assert frechet_distance(a, 2.0 * b) > 2.0
+
+
+def test_kid_is_near_zero_on_itself_and_same_distribution_positive_on_a_shift():
+    a = _features(0)
+    mean, std = kernel_inception_distance(a, a, subsets=5, subset_size=200)
+    # Full-set subsets: the unbiased estimate on one set is -2 (mean diagonal - mean
+    # off-diagonal kernel) / n, a small negative number that shrinks with n.
+    assert -0.1 < mean < 0 and std == pytest.approx(0.0, abs=1e-9)
+    same, _ = kernel_inception_distance(a, _features(1), subsets=20, subset_size=100)
+    shifted, _ = kernel_inception_distance(a, a + 1.0, subsets=5, subset_size=50)
+    assert abs(same) < 0.1 and shifted > 1.0
+
+
+def _brute_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel, written out as loops."""
+
+    def k(a, b):
+        return (a @ b / x.shape[1] + 1) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_a_brute_force_unbiased_mmd():
+    x, y = _features(2, n=6, d=3), _features(3, n=5, d=3) + 0.3
+    # Subset size 50 is clamped to 5 = len(y); draw the same subsets with the same generator.
+    rng = np.random.default_rng(7)
+    draws = [_brute_mmd2(x[rng.choice(6, 5, replace=False)], y[rng.choice(5, 5, replace=False)])
+             for _ in range(4)]
+    mean, std = kernel_inception_distance(x, y, subsets=4, subset_size=50, seed=7)
+    assert mean == pytest.approx(np.mean(draws), rel=1e-9)
+    assert std == pytest.approx(np.std(draws), rel=1e-9) and std > 0
+    # Subsets as large as both sets are permutations of them: the full-set MMD^2.
+    full, _ = kernel_inception_distance(x[:5], y, subsets=2, subset_size=5)
+    assert full == pytest.approx(_brute_mmd2(x[:5], y), rel=1e-9) and full > 0
+
+
+class _Identity(nn.Module):
+    """A 'feature network' that passes feature vectors through, to feed torchmetrics."""
+
+    num_features = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fid_and_kid_agree_with_torchmetrics():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    a, b = _features(0, n=40), _features(1, n=40) * 1.5 + 0.2
+    fid = FrechetInceptionDistance(feature=_Identity(), normalize=True).double()
+    # Full-size subsets make torchmetrics' random subsets deterministic (permutations).
+    kid = KernelInceptionDistance(feature=_Identity(), subsets=3, subset_size=40, normalize=True)
+    for metric in (fid, kid):
+        metric.update(torch.from_numpy(a), real=True)
+        metric.update(torch.from_numpy(b), real=False)
+    assert frechet_distance(a, b) == pytest.approx(float(fid.compute()), rel=1e-5)
+    ours, _ = kernel_inception_distance(a, b, subsets=3, subset_size=40)
+    assert ours == pytest.approx(float(kid.compute()[0]), rel=1e-9) and ours > 0.05
+
+
+def test_grey_level_distance():
+    image = np.random.default_rng(0).integers(0, 200, size=(2, 32, 32), dtype=np.uint8)
+    assert grey_level_distance(image, image.copy()) == 0.0
+    assert grey_level_distance(image, image + 10) == pytest.approx(10.0)
+    # Order of pixels does not matter, only the grey-level distribution.
+    assert grey_level_distance(image, image[:, ::-1].copy()) == 0.0
+
+
+def test_ssim_psnr_identical_and_noisy():
+    rng = np.random.default_rng(0)
+    image = generate_volume("vnc", 2, (64, 64), seed=0).image
+    ssim, psnr = ssim_psnr(image, image.copy())
+    assert ssim == pytest.approx(1.0) and psnr == PSNR_CAP_DB
+    mild = np.clip(image + rng.normal(0, 5, image.shape), 0, 255).astype(np.uint8)
+    strong = np.clip(image + rng.normal(0, 40, image.shape), 0, 255).astype(np.uint8)
+    ssim_mild, psnr_mild = ssim_psnr(image, mild)
+    ssim_strong, psnr_strong = ssim_psnr(image, strong)
+    assert 1.0 > ssim_mild > ssim_strong and PSNR_CAP_DB > psnr_mild > psnr_strong
+    assert psnr_mild == pytest.approx(34.2, abs=1.0)  # 20 log10(255 / ~5)
+
+
+@pytest.mark.parametrize("arch", ["unet", "basicunet"])
+def test_encoder_features_pool_the_deepest_level_and_leave_no_hook(arch):
+    torch.manual_seed(0)
+    if arch == "unet":
+        net, depth = UNet(2, 1, 1, channels=(8, 16, 32), strides=(2, 2), num_res_units=1), 32
+    else:
+        net, depth = BasicUNet(2, 1, 1, features=(4, 4, 8, 8, 12, 4)), 12
+    extractor = EncoderFeatures(net.eval())
+    x = torch.rand(3, 1, 32, 32)
+    features = extractor(x)
+    assert features.shape == (3, 2 * depth)
+    assert (features[:, depth:] > 0).all()  # the std half
+    assert torch.allclose(features[1:2], extractor(x[1:2]), atol=1e-5)
+    assert not extractor.block._forward_hooks
+
+
+def test_random_crops_are_seeded_and_inside():
+    stack = np.arange(2 * 1 * 10 * 12, dtype=np.uint8).reshape(2, 1, 10, 12)
+    a, b = random_crops(stack, 5, 4, seed=1), random_crops(stack, 5, 4, seed=1)
+    assert a.shape == (5, 1, 4, 4) and np.array_equal(a, b)
+    assert not np.array_equal(a, random_crops(stack, 5, 4, seed=2))
+
+
+def test_evaluate_generator_end_to_end(tmp_path):
+    volume = generate_volume("vnc", 6, (256, 256), seed=3)
+    gan_cfg = load_config(GanConfig, GAN_TINY, [
+        "engine.steps=4", "engine.checkpoint_every=0", "engine.val_every=0",
+        "engine.image_every=0", "data.val_block=1",
+    ])
+    train_gan(gan_cfg, tmp_path / "gan", resume=False, volumes=[volume])
+    seg_cfg = load_config(SegmentConfig, None, SEGMENT_TINY)
+    train_segmenter(seg_cfg, volume, tmp_path / "seg", resume=False)
+    held_out = volume.select([4, 5])
+    scores = evaluate_generator(tmp_path / "gan", held_out, tmp_path / "seg", crops=6,
+                                crop_size=64, kid_subsets=5)
+    numbers = {k: v for k, v in scores.items() if isinstance(v, float)}
+    assert all(math.isfinite(v) for v in numbers.values()), numbers
+    assert scores["fcn_iou_real"] > 0.05  # measured 0.129 after 40 steps
+    assert scores["fcn_ratio"] == pytest.approx(
+        scores["fcn_iou_synthetic"] / scores["fcn_iou_real"])
+    assert scores["fid"] > 0 and 0 < scores["psnr_db"] < PSNR_CAP_DB and scores["ssim"] < 1
+    assert scores["feature_dim"] == 64 and scores["crop_size"] == 64
+    # The CLI on the same data as a slice folder gives the same numbers and writes the JSON.
+    write_slice_folder(volume, tmp_path / "data")
+    result = CliRunner().invoke(app, [
+        "gan", "evaluate", "--generator", str(tmp_path / "gan"), "--data",
+        str(tmp_path / "data"), "--slices", "4-5", "--segmenter", str(tmp_path / "seg" / "model"),
+        "--crops", "6", "--crop-size", "64", "--kid-subsets", "5", "--device", "cpu",
+        "--json", str(tmp_path / "q.json"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "FCN-score" in result.output
+    saved = json.loads((tmp_path / "q.json").read_text())
+    for key in ("fcn_iou_real", "fcn_iou_synthetic", "fid", "kid", "ssim", "grey_level_w1"):
+        assert saved[key] == pytest.approx(scores[key], rel=1e-6), key
+    bad = CliRunner().invoke(app, ["gan", "evaluate", "--generator", str(tmp_path / "gan"),
+                                   "--data", str(tmp_path / "data"),
+                                   "--segmenter", str(tmp_path / "nothing")])
+    # (emsynth.cli.main turns this into one line and exit code 2.)
+    assert isinstance(bad.exception, EmsynthError) and "no trained segmenter" in str(bad.exception)
