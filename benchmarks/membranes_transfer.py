@@ -143,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_variant(name, args, volumes))
         print(table(rows[-1:]), flush=True)
         atomic_write_text(args.json or args.out / "transfer.json", json.dumps(rows, indent=2))
-    print(f"\nmembrane transfer, config {args.config.name}, {args.max_time} per model "
-          f"(device {args.device}); F1/IoU pixel-wise on the membrane class, whole volume; ISBI "
-          "mito channel: zeros (and a mito model's prediction where given)")
+    print(f"\nmembrane transfer, config {args.config.name} (overrides: {args.set or 'none'}), "
+          f"training capped at {args.max_time} per model, seed {args.seed}, device "
+          f"{args.device}; F1/IoU pixel-wise on the membrane class, whole volume; ISBI mito "
+          "channel: zeros (and a mito model's prediction where given)")
     print(table(rows))
     return 0
 

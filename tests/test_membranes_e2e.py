@@ -30,8 +30,8 @@ TINY = [
 
 
 def emsynth(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "emsynth.cli", *args], capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "emsynth.cli", *args], check=False,
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,11 @@ def test_predict_writes_a_slice_folder_the_gan_reads(tiny_run, ca1_phantom, tmp_
     assert (out / "membrane_prob.tif").is_file() and figure.stat().st_size > 1000
     checked = emsynth("membranes", "check", str(out))
     assert checked.returncode == 0 and "open skeleton ends" in checked.stdout
+    redrawn = tmp_path / "fig_truth.png"
+    drawn = emsynth("membranes", "figure", str(out), "--out", str(redrawn), "--truth",
+                    str(source), "--crop", "0")
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert redrawn.stat().st_size > 1000
 
 
 @pytest.mark.filterwarnings("ignore::emsynth.data.validate.InputWarning")  # empty masks: expected

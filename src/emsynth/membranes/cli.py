@@ -283,3 +283,56 @@ def check_cmd(
     if json_out is not None:
         atomic_write_text(json_out, json.dumps({"source": volume.source, **checks.as_dict()},
                                                indent=2))
+
+
+@app.command("figure")
+def figure_cmd(
+    prediction: Annotated[
+        Path, typer.Argument(help="Output folder of `membranes predict` (a slice folder).")
+    ],
+    out_png: Annotated[Path, typer.Option("--out", "-o", dir_okay=False, help="PNG to write.")],
+    truth: Annotated[
+        Path | None,
+        typer.Option("--truth", help="Dataset with the true membranes of the same slices."),
+    ] = None,
+    truth_slices: Annotated[
+        str | None,
+        typer.Option("--truth-slices", help='Slices of --truth the prediction covers, e.g. "16-19".'),
+    ] = None,
+    rows: Annotated[
+        str | None,
+        typer.Option("--rows", help="Comma-separated slice positions to draw (default: 3 spread)."),
+    ] = None,
+    crop: Annotated[
+        int, typer.Option("--crop", min=0, help="Centre crop of each panel in px (0 = whole).")
+    ] = 512,
+) -> None:
+    """Draw EM | mitochondria | predicted membranes [| true membranes] from a prediction folder."""
+    from emsynth.data.readers import read_volume
+    from emsynth.data.volume import MEMBRANE, MITO
+    from emsynth.membranes.figures import prediction_figure
+    from emsynth.segment.sampling import parse_slices
+
+    pred = read_volume(prediction, "slices")
+    if MEMBRANE not in pred.labels or MITO not in pred.labels:
+        raise input_error(prediction, "has no masks/ and membranes/ folders",
+                          "pass the --out folder of `emsynth membranes predict`")
+    true_membranes = None
+    if truth is not None:
+        volume = read_volume(truth)
+        if truth_slices is not None:
+            volume = volume.select(parse_slices(truth_slices, len(volume), "--truth-slices"))
+        if MEMBRANE not in volume.labels or volume.shape != pred.shape:
+            raise input_error(truth, f"has no membrane labels of shape {pred.shape}",
+                              "pass the dataset and --truth-slices the prediction was made from")
+        true_membranes = volume.labels[MEMBRANE]
+    picks = None
+    if rows is not None:
+        picks = parse_slices(rows, len(pred), "--rows")
+    meta = json.loads((prediction / "prediction.json").read_text()) if (
+        prediction / "prediction.json").is_file() else {}
+    title = f"{meta.get('data', pred.source)}: membranes predicted from EM + mitochondria"
+    prediction_figure(out_png, pred.image, pred.labels[MITO], pred.labels[MEMBRANE],
+                      true_membranes, rows=picks, names=meta.get("slice_names"),
+                      crop=crop or None, title=title)
+    out.print(f"wrote {out_png} ({out_png.stat().st_size / 1024:.0f} KB)", highlight=False)

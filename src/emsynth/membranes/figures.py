@@ -56,7 +56,7 @@ def prediction_figure(
         for c, (label, stack, white) in enumerate(columns):
             ax = axes[r][c]
             ax.imshow(_centre_crop(np.asarray(stack[z], dtype=np.float32), crop), cmap="gray",
-                      vmin=0.0, vmax=white, interpolation="nearest")
+                      vmin=0.0, vmax=white, interpolation="antialiased")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
