@@ -34,3 +34,15 @@ def test_bad_value_and_bad_override(tmp_path):
         load_config(Cfg, None, ["train.steps=many"])
     with pytest.raises(EmsynthError, match="key=value"):
         load_config(Cfg, None, ["train.steps"])
+
+
+def test_atomic_writes_get_normal_permissions_and_leave_no_temp(tmp_path):
+    import os
+
+    from emsynth.io import _UMASK, atomic_write_text
+
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "hello")
+    assert target.read_text() == "hello"
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~_UMASK)
+    assert os.listdir(tmp_path) == ["out.txt"]

@@ -81,3 +81,10 @@ def test_real_figure_is_small(shared_data, tmp_path):
     vol = read_volume(shared_data / "drosophila_vnc", indices=[0, 9, 19])
     out = save_slice_figure(vol, tmp_path / "vnc.png", title="drosophila_vnc", z_numbers=[0, 9, 19])
     assert 20_000 < out.stat().st_size < 300_000
+
+
+def test_one_bit_masks_read_as_canonical_bools(shared_data):
+    """1-bit PNGs decode to bools stored as byte 255; the reader must hand back 0/1 bytes."""
+    volume = read_volume(shared_data / "drosophila_vnc", indices=[0])
+    for name in ("membrane", "synapse"):
+        assert set(np.unique(volume.labels[name].view(np.uint8))) <= {0, 1}

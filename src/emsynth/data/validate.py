@@ -136,7 +136,9 @@ def to_bool_mask(
     """
     arr, note = to_single_channel(raw, path, "mask")
     if arr.dtype == bool:
-        white = arr
+        # 1-bit PNG decoders can hand back bools stored as byte 255; re-derive canonical 0/1
+        # bools so that C code reading the bytes (e.g. skimage's skeletonize) sees valid data.
+        white = arr.view(np.uint8) != 0
     else:
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise input_error(path, "mask contains NaN or infinite values", MASK_FIX)
