@@ -14,14 +14,6 @@ SPEC_DECODER = [512, 1024, 1024, 1024, 1024, 512, 256, 128]  # CD512-CD1024-CD10
 SPEC_DROPOUT = [True, True, True, False, False, False, False, False]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU their spin-waits cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _layout(generator: UNetGenerator):
     enc = [block.conv.out_channels for block in generator.down]

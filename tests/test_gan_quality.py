@@ -44,13 +44,6 @@ SEGMENT_TINY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _features(seed: int, n: int = 200, d: int = 8) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, d))

@@ -30,14 +30,6 @@ from emsynth.synthesis.inference import GENERATOR_FILE, load_generator
 TINY = Path(__file__).resolve().parents[1] / "configs" / "gan" / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU their spin-waits cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def phantom() -> Volume:

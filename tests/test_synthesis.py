@@ -26,14 +26,6 @@ from emsynth.synthesis.masks import phantom_masks
 CONDITIONING = Conditioning((MITO, MEMBRANE))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU their spin-waits cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def generator() -> UNetGenerator:
