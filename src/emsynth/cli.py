@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -37,15 +38,24 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
     """emsynth: EM image synthesis from masks and its segmentation study."""
 
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for the demo's outputs."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data, initialisation and augmentation."),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's outputs.")] = Path(
+        "outputs/demo"
+    ),
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for data, initialisation and augmentation.")
+    ] = 0,
 ) -> None:
     """Run the pipeline on built-in phantom EM data (no downloads, CPU, a few minutes)."""
     from emsynth.demo import run_demo

@@ -2,4 +2,4 @@
 
 from emsynth.data.volume import LABEL_NAMES, MEMBRANE, MITO, SYNAPSE, Volume
 
-__all__ = ["Volume", "MITO", "MEMBRANE", "SYNAPSE", "LABEL_NAMES"]
+__all__ = ["LABEL_NAMES", "MEMBRANE", "MITO", "SYNAPSE", "Volume"]
