@@ -21,7 +21,6 @@ import torch
 from emsynth.data.phantom import generate_volume
 from emsynth.data.readers import read_volume
 from emsynth.data.volume import MEMBRANE, MITO, Volume
-from emsynth.engine.task import StepContext
 from emsynth.engine.trainer import train
 from emsynth.errors import EmsynthError
 from emsynth.io import atomic_write_text
@@ -29,7 +28,6 @@ from emsynth.membranes.augment import RobustParams, apply_robust, draw_robust
 from emsynth.membranes.config import INPUTS, TARGET, MembraneConfig
 from emsynth.membranes.normalize import Normalizer
 from emsynth.segment import augment
-from emsynth.segment.model import to_float
 from emsynth.segment.sampling import PatchSampler, SegmentData, segment_data
 from emsynth.segment.task import SegmentTask
 from emsynth.segment.train import FINAL_METRICS, MODEL_DIR, resolve_split
@@ -107,21 +105,8 @@ class MembraneTask(SegmentTask):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Float inputs (b, 2, p, p) and target (b, 1, p, p) after every augmentation: the
         segment stage's (geometry, brightness/contrast/gamma), then blur, noise, mito dropout."""
-        x = to_float(torch.from_numpy(batch.inputs)).to(device, non_blocking=True)
-        y = torch.from_numpy(batch.target).to(device, non_blocking=True).float()
-        x, y = augment.apply(x, y, batch.params, self.intensity_channels)
+        x, y = super().augmented(batch, device)
         return apply_robust(x, batch.robust, image_channel=0, mito_channel=1), y
-
-    def train_step(self, batch: MembraneBatch, ctx: StepContext) -> dict[str, float]:
-        x, y = self.augmented(batch, ctx.device)
-        with ctx.autocast():
-            logits = self.modules["net"](x)
-        loss = self.loss(logits.float(), y)
-        optimizer = self.optimizers["net"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return {"loss": loss.detach()}
 
 
 def load_training_volume(cfg: MembraneConfig) -> Volume:

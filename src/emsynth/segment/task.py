@@ -158,10 +158,16 @@ class SegmentTask(Task):
         params = augment.draw_params(rng, self.cfg.augment, p.batch_size, p.patch_size)
         return SegmentBatch(inputs, target, params)
 
+    def augmented(
+        self, batch: SegmentBatch, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float inputs and target on `device` after augmentation (subclasses add their own)."""
+        x = to_float(torch.from_numpy(batch.inputs).to(device, non_blocking=True))
+        y = torch.from_numpy(batch.target).to(device, non_blocking=True).float()
+        return augment.apply(x, y, batch.params, self.intensity_channels)
+
     def train_step(self, batch: SegmentBatch, ctx: StepContext) -> dict[str, float]:
-        x = to_float(torch.from_numpy(batch.inputs).to(ctx.device, non_blocking=True))
-        y = torch.from_numpy(batch.target).to(ctx.device, non_blocking=True).float()
-        x, y = augment.apply(x, y, batch.params, self.intensity_channels)
+        x, y = self.augmented(batch, ctx.device)
         with ctx.autocast():
             logits = self.modules["net"](x)
         loss = self.loss(logits.float(), y)
