@@ -27,23 +27,12 @@ from emsynth.config import load_config
 from emsynth.data.phantom import generate_volume
 from emsynth.data.volume import MEMBRANE
 from emsynth.io import atomic_write_text
-from emsynth.membranes.config import MembraneConfig
+from emsynth.membranes.config import AUGMENTATION_VARIANTS, MembraneConfig
 from emsynth.membranes.predict import MembraneModel, evaluate_volume
 from emsynth.membranes.task import train_membranes
 
 ROOT = Path(__file__).resolve().parents[1]
-OFF = ["robust.noise_prob=0", "robust.intensity_prob=0", "robust.blur_prob=0",
-       "robust.mito_dropout=0", "normalize.method=none"]
-VARIANTS = {
-    "none": OFF,
-    "noise": [*OFF, "robust.noise_prob=0.5"],
-    "intensity": [*OFF, "robust.intensity_prob=0.5"],
-    "blur": [*OFF, "robust.blur_prob=0.3"],
-    "normalize": [*OFF, "normalize.method=standardize"],
-    "histmatch": [*OFF, "normalize.method=histmatch"],
-    "all": ["robust.noise_prob=0.5", "robust.intensity_prob=0.5", "robust.blur_prob=0.3",
-            "robust.mito_dropout=0", "normalize.method=standardize"],
-}
+VARIANTS = AUGMENTATION_VARIANTS
 
 
 def run(name: str, seed: int, args: argparse.Namespace, target) -> dict:
@@ -87,7 +76,7 @@ def summary(rows: list[dict], baseline_iou: float, baseline_f1: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs/membranes/phantom.yaml")
-    parser.add_argument("--variants", default="none,noise,intensity,blur,normalize,all")
+    parser.add_argument("--variants", default="none,noise,intensity,blur,standardize,all")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
     parser.add_argument("--max-time", default="150s", help="training budget per model")
     parser.add_argument("--set", action="append", default=[], help="extra config override")

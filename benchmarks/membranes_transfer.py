@@ -31,29 +31,14 @@ import torch
 from emsynth.config import load_config
 from emsynth.data.readers import read_volume
 from emsynth.io import atomic_write_text
-from emsynth.membranes.config import MembraneConfig
+from emsynth.membranes.config import AUGMENTATION_VARIANTS, MembraneConfig
 from emsynth.membranes.predict import MembraneModel, evaluate_volume
 from emsynth.membranes.task import train_membranes
 from emsynth.segment.sampling import evenly_spaced
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-OFF = ["robust.noise_prob=0", "robust.intensity_prob=0", "robust.blur_prob=0",
-       "robust.mito_dropout=0", "normalize.method=none"]
-#: Variant name -> config overrides on top of the preset (later keys win).
-VARIANTS = {
-    "none": OFF,
-    "noise": [*OFF, "robust.noise_prob=0.5"],
-    "intensity": [*OFF, "robust.intensity_prob=0.5"],
-    "blur": [*OFF, "robust.blur_prob=0.3"],
-    "standardize": [*OFF, "normalize.method=standardize"],
-    "histmatch": [*OFF, "normalize.method=histmatch"],
-    "all": ["normalize.method=standardize", "robust.noise_prob=0.5",
-            "robust.intensity_prob=0.5", "robust.blur_prob=0.3", "robust.mito_dropout=0"],
-    "all+dropout": ["normalize.method=standardize", "robust.noise_prob=0.5",
-                    "robust.intensity_prob=0.5", "robust.blur_prob=0.3",
-                    "robust.mito_dropout=0.3"],
-}
+VARIANTS = AUGMENTATION_VARIANTS
 
 
 def run_variant(name: str, args: argparse.Namespace, volumes: dict) -> dict:

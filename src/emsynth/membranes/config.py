@@ -168,3 +168,21 @@ class MembraneConfig(StrictModel):
             infer=self.infer,
             threshold=self.threshold,
         )
+
+
+_ROBUST_OFF = ["robust.noise_prob=0", "robust.intensity_prob=0", "robust.blur_prob=0",
+               "robust.mito_dropout=0", "normalize.method=none"]
+_ROBUST_ALL = ["normalize.method=standardize", "robust.noise_prob=0.5",
+               "robust.intensity_prob=0.5", "robust.blur_prob=0.3"]
+#: Domain-robustness ablation: variant name -> config overrides on top of a preset (later keys
+#: win). Shared by benchmarks/membranes_ablation.py and benchmarks/membranes_transfer.py.
+AUGMENTATION_VARIANTS: dict[str, list[str]] = {
+    "none": _ROBUST_OFF,
+    "noise": [*_ROBUST_OFF, "robust.noise_prob=0.5"],
+    "intensity": [*_ROBUST_OFF, "robust.intensity_prob=0.5"],
+    "blur": [*_ROBUST_OFF, "robust.blur_prob=0.3"],
+    "standardize": [*_ROBUST_OFF, "normalize.method=standardize"],
+    "histmatch": [*_ROBUST_OFF, "normalize.method=histmatch"],
+    "all": [*_ROBUST_ALL, "robust.mito_dropout=0"],
+    "all+dropout": [*_ROBUST_ALL, "robust.mito_dropout=0.3"],
+}
