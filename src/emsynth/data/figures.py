@@ -36,6 +36,15 @@ def default_slices(n_slices: int, count: int = 3) -> list[int]:
     return sorted({round(i) for i in np.linspace(0, n_slices - 1, min(count, n_slices))})
 
 
+def centre_crop(plane: np.ndarray, crop: int | None) -> np.ndarray:
+    """The central crop x crop window of a 2-D plane (the whole plane for None or a small one)."""
+    if crop is None:
+        return plane
+    h, w = plane.shape[:2]
+    y0, x0 = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
+    return plane[y0 : y0 + crop, x0 : x0 + crop]
+
+
 def overlay(image: np.ndarray, labels: dict[str, np.ndarray]) -> np.ndarray:
     """(y, x, 3) float RGB: the grey image with each label blended in its colour.
 

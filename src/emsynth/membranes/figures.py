@@ -7,15 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emsynth.data.figures import centre_crop
 from emsynth.io import atomic_path
-
-
-def _centre_crop(plane: np.ndarray, crop: int | None) -> np.ndarray:
-    if crop is None:
-        return plane
-    h, w = plane.shape
-    y0, x0 = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
-    return plane[y0 : y0 + crop, x0 : x0 + crop]
 
 
 def prediction_figure(
@@ -55,7 +48,7 @@ def prediction_figure(
     for r, z in enumerate(rows):
         for c, (label, stack, white) in enumerate(columns):
             ax = axes[r][c]
-            ax.imshow(_centre_crop(np.asarray(stack[z], dtype=np.float32), crop), cmap="gray",
+            ax.imshow(centre_crop(np.asarray(stack[z], dtype=np.float32), crop), cmap="gray",
                       vmin=0.0, vmax=white, interpolation="antialiased")
             ax.set_xticks([])
             ax.set_yticks([])
