@@ -18,7 +18,7 @@ from PIL import Image
 
 from emsynth.data.volume import MEMBRANE, MITO, SYNAPSE, Volume
 from emsynth.errors import input_error
-from emsynth.io import atomic_write_bytes
+from emsynth.io import atomic_path, atomic_write_bytes
 
 #: label -> (legend name, RGB colour in 0..1, blend weight). Synapses are small and dark, so
 #: they get a stronger weight to stay visible.
@@ -43,6 +43,52 @@ def centre_crop(plane: np.ndarray, crop: int | None) -> np.ndarray:
     h, w = plane.shape[:2]
     y0, x0 = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
     return plane[y0 : y0 + crop, x0 : x0 + crop]
+
+
+def image_grid(
+    out_path: str | Path,
+    columns: Sequence[tuple[str, Sequence[np.ndarray], float]],
+    row_labels: Sequence[str],
+    title: str = "",
+    inches: float = 2.4,
+) -> Path:
+    """Write a PNG grid of 2-D images: `columns` are (title, one image per row, white value).
+
+    Grey planes are drawn from 0 (black) to the white value (255 for EM, 1 for masks and
+    probabilities); (y, x, 3) RGB planes as they are. Shared by the membrane and GAN figures.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows = len(row_labels)
+    fig, axes = plt.subplots(n_rows, len(columns),
+                             figsize=(inches * len(columns), inches * n_rows + 0.4), squeeze=False)
+    for c, (label, planes, white) in enumerate(columns):
+        for r in range(n_rows):
+            ax = axes[r][c]
+            plane = np.asarray(planes[r])
+            if plane.ndim == 3:
+                ax.imshow(plane, interpolation="nearest")
+            else:
+                ax.imshow(plane.astype(np.float32), cmap="gray", vmin=0.0, vmax=white,
+                          interpolation="antialiased")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=8)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return out_path
 
 
 def overlay(image: np.ndarray, labels: dict[str, np.ndarray]) -> np.ndarray:

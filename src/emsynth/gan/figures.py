@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from emsynth.data.figures import OVERLAY_COLOURS, centre_crop
+from emsynth.data.figures import OVERLAY_COLOURS, centre_crop, default_slices, image_grid
 from emsynth.data.volume import Volume
-from emsynth.io import atomic_path
 
 
 def mask_rgb(labels: dict[str, np.ndarray]) -> np.ndarray:
@@ -38,39 +37,11 @@ def comparison_figure(
     column title to a (z, y, x) uint8 stack synthesised from those masks. `crop`: centre crop
     side in px, so that texture stays visible at figure size (None = whole slice).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if rows is None:
-        spread = np.linspace(0, len(real) - 1, min(3, len(real)))
-        rows = sorted({int(v) for v in np.rint(spread)})
+    rows = list(rows) if rows is not None else default_slices(len(real))
     channels = " + ".join(OVERLAY_COLOURS[n][0] for n in OVERLAY_COLOURS if n in real.labels)
-    columns = [(f"masks ({channels})", None), ("real", real.image), *synthetic.items()]
-    fig, axes = plt.subplots(len(rows), len(columns),
-                             figsize=(2.4 * len(columns), 2.4 * len(rows) + 0.4), squeeze=False)
-    for r, z in enumerate(rows):
-        for c, (label, stack) in enumerate(columns):
-            ax = axes[r][c]
-            if stack is None:
-                labels = {name: centre_crop(lab[z], crop) for name, lab in real.labels.items()}
-                ax.imshow(mask_rgb(labels), interpolation="nearest")
-            else:
-                ax.imshow(centre_crop(stack[z], crop), cmap="gray", vmin=0, vmax=255,
-                          interpolation="antialiased")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(label, fontsize=8)
-            if c == 0:
-                ax.set_ylabel(f"slice {real.slice_names[z]}", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return out_path
+    masks = [mask_rgb({name: centre_crop(lab[z], crop) for name, lab in real.labels.items()})
+             for z in rows]
+    columns = [(f"masks ({channels})", masks, 1.0)]
+    columns += [(label, [centre_crop(stack[z], crop) for z in rows], 255.0)
+                for label, stack in [("real", real.image), *synthetic.items()]]
+    return image_grid(out_path, columns, [f"slice {real.slice_names[z]}" for z in rows], title)
