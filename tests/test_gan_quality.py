@@ -187,6 +187,7 @@ def test_evaluate_generator_end_to_end(tmp_path):
         scores["fcn_iou_synthetic"] / scores["fcn_iou_real"])
     assert scores["fid"] > 0 and 0 < scores["psnr_db"] < PSNR_CAP_DB and scores["ssim"] < 1
     assert scores["feature_dim"] == 64 and scores["crop_size"] == 64
+    assert scores["kid_std"] > 0  # subsets of half the crops differ, so KID has a spread
     # The CLI on the same data as a slice folder gives the same numbers and writes the JSON.
     write_slice_folder(volume, tmp_path / "data")
     result = CliRunner().invoke(app, [

@@ -18,7 +18,7 @@ from PIL import Image
 
 from emsynth.data.volume import MEMBRANE, MITO, SYNAPSE, Volume
 from emsynth.errors import input_error
-from emsynth.io import atomic_path, atomic_write_bytes
+from emsynth.io import atomic_write_bytes
 
 #: label -> (legend name, RGB colour in 0..1, blend weight). Synapses are small and dark, so
 #: they get a stronger weight to stay visible.
@@ -83,12 +83,21 @@ def image_grid(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    atomic_write_bytes(out_path, _palette_png(Image.open(buffer).convert("RGB")))
     return out_path
+
+
+def _palette_png(image: Image.Image) -> bytes:
+    """PNG bytes quantised to 256 colours (octree keeps overlay hues): figures stay small."""
+    buffer = io.BytesIO()
+    image.quantize(256, method=Image.Quantize.FASTOCTREE).save(buffer, format="PNG",
+                                                                optimize=True)
+    return buffer.getvalue()
 
 
 def overlay(image: np.ndarray, labels: dict[str, np.ndarray]) -> np.ndarray:
@@ -160,8 +169,5 @@ def save_slice_figure(
     fig.suptitle(f"{title or volume.source} ({height}x{width} px{pixel})", fontsize=10, y=0.99)
     canvas.draw()
     rgb = np.asarray(canvas.buffer_rgba())[..., :3]
-    palette_image = Image.fromarray(rgb).quantize(256, method=Image.Quantize.FASTOCTREE)
-    buffer = io.BytesIO()
-    palette_image.save(buffer, format="PNG", optimize=True)
-    atomic_write_bytes(out, buffer.getvalue())
+    atomic_write_bytes(out, _palette_png(Image.fromarray(rgb)))
     return out

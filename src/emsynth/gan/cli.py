@@ -153,7 +153,7 @@ def evaluate_cmd(
     crop_size: Annotated[int, typer.Option("--crop-size", min=16, help="Side of those crops "
                                            "(shrunk to fit the slices).")] = 256,
     kid_subsets: Annotated[int, typer.Option("--kid-subsets", min=1,
-                                             help="Random subsets KID averages over.")] = 100,
+                                             help="Random subsets (of half the crops) KID averages over.")] = 100,
     dropout: Annotated[
         bool, typer.Option("--dropout/--no-dropout", help="Dropout on at synthesis, as "
                            "pix2pix does at test time.")
@@ -258,7 +258,9 @@ def figure_cmd(
     volume = read_volume(data, layout)
     rows = (parse_slices(slices, len(volume), "--slices") if slices is not None
             else default_slices(len(volume)))
+    used = {name for _, _, conditioning in loaded for name in conditioning.channels}
     volume = volume.select(rows)
+    volume.labels = {name: lab for name, lab in volume.labels.items() if name in used}
     columns: dict[str, object] = {}
     for path, generator, conditioning in loaded:
         name = f"synthetic ({' + '.join(conditioning.channels)})"

@@ -33,12 +33,13 @@ def comparison_figure(
 ) -> Path:
     """Write a grid, one row per slice of `real` in `rows` (default: up to 3 evenly spread).
 
-    `real` holds the real images and the masks shown in the first column; `synthetic` maps a
+    `real` holds the real images and the masks shown in the first column (keep only the
+    conditioning labels there); `synthetic` maps a
     column title to a (z, y, x) uint8 stack synthesised from those masks. `crop`: centre crop
     side in px, so that texture stays visible at figure size (None = whole slice).
     """
     rows = list(rows) if rows is not None else default_slices(len(real))
-    channels = " + ".join(OVERLAY_COLOURS[n][0] for n in OVERLAY_COLOURS if n in real.labels)
+    channels = ", ".join(name for name in OVERLAY_COLOURS if name in real.labels)
     masks = [mask_rgb({name: centre_crop(lab[z], crop) for name, lab in real.labels.items()})
              for z in rows]
     columns = [(f"masks ({channels})", masks, 1.0)]
