@@ -10,7 +10,6 @@ metadata carries the normaliser, so prediction repeats it).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,16 +20,14 @@ import torch
 from emsynth.data.phantom import generate_volume
 from emsynth.data.readers import read_volume
 from emsynth.data.volume import MEMBRANE, MITO, Volume
-from emsynth.engine.trainer import train
 from emsynth.errors import EmsynthError
-from emsynth.io import atomic_write_text
 from emsynth.membranes.augment import RobustParams, apply_robust, draw_robust
 from emsynth.membranes.config import INPUTS, TARGET, MembraneConfig
 from emsynth.membranes.normalize import Normalizer
 from emsynth.segment import augment
 from emsynth.segment.sampling import PatchSampler, SegmentData, segment_data
 from emsynth.segment.task import SegmentTask
-from emsynth.segment.train import FINAL_METRICS, MODEL_DIR, resolve_split
+from emsynth.segment.train import fit_task, resolve_split
 
 #: Key of the membrane model's settings inside the exported Segmenter's metadata.
 META_KEY = "membranes"
@@ -162,7 +159,6 @@ def train_membranes(
     Returns the engine's result plus `final` (held-out scores: fg_dice is the membrane F1,
     fg_iou the membrane IoU, at the chosen threshold; `@0.5` variants at 0.5) and `threshold`.
     """
-    run_dir = Path(run_dir)
     volume = load_training_volume(cfg)
     seg_cfg = cfg.segment_config()
     split = resolve_split(seg_cfg, len(volume))
@@ -173,35 +169,16 @@ def train_membranes(
     device = "cuda" if cfg.engine.device != "cpu" and torch.cuda.is_available() else "cpu"
     extra = load_extra(cfg, normalizer, device)
     task = MembraneTask(cfg, train_data, val_data, extra)
-    result = train(task, cfg.engine, run_dir, resume=resume)
-    ctx = task.ctx
-    final: dict[str, float] = {}
-    if val_data is not None and ctx is not None and ctx.is_main:
-        if cfg.infer.tta:
-            final = task.evaluate(ctx, tta=True)
-        else:
-            final = {k.removeprefix("val/"): v for k, v in result.items() if k.startswith("val/")}
-    if ctx is None or ctx.is_main:
-        choice = task.threshold_choice
-        info = {
-            META_KEY: {
-                "normalizer": normalizer.as_dict(),
-                "source": volume.source,
-                "extra_source": cfg.data.extra_path,
-                "extra_mito": cfg.data.extra_mito if cfg.data.extra_path else None,
-                "robust": cfg.robust.model_dump(mode="json"),
-            },
+    meta = {
+        META_KEY: {
+            "normalizer": normalizer.as_dict(),
             "source": volume.source,
-            "train_slices": split.train,
-            "val_slices": split.val,
-            "threshold_rule": choice.reason if choice else "fixed 0.5 (or restored)",
-            "final_validation": final,
-        }
-        task.segmenter(info).save(run_dir / MODEL_DIR)
-        plain = {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
-        atomic_write_text(run_dir / FINAL_METRICS, json.dumps(
-            {"final": final, "threshold": task.threshold, "engine": plain}, indent=2
-        ))
-    result["final"] = final
-    result["threshold"] = task.threshold
-    return result
+            "extra_source": cfg.data.extra_path,
+            "extra_mito": cfg.data.extra_mito if cfg.data.extra_path else None,
+            "robust": cfg.robust.model_dump(mode="json"),
+        },
+        "source": volume.source,
+        "train_slices": split.train,
+        "val_slices": split.val,
+    }
+    return fit_task(task, run_dir, resume, meta)

@@ -86,27 +86,38 @@ def fit(
     resume: bool = True,
     meta: dict | None = None,
 ) -> dict[str, Any]:
-    """Train with the engine, export the model to run_dir/model; returns the metrics.
+    """Train a `SegmentTask` on the data with the engine and export it (see `fit_task`)."""
+    return fit_task(SegmentTask(cfg, train_data, val_data), run_dir, resume, meta)
+
+
+def fit_task(
+    task: SegmentTask,
+    run_dir: str | Path,
+    resume: bool = True,
+    meta: dict | None = None,
+) -> dict[str, Any]:
+    """Train `task` (a SegmentTask or subclass) with the engine, export run_dir/model.
 
     The returned dict holds the engine's result plus `final` (validation scores of the exported
     model, with test-time augmentation when cfg.infer.tta, which also re-chooses the threshold
-    on those probabilities) and `threshold`. Only the main process exports.
+    on those probabilities) and `threshold`; run_dir/final_metrics.json holds the same. Only the
+    main process exports.
     """
     run_dir = Path(run_dir)
-    task = SegmentTask(cfg, train_data, val_data)
+    cfg = task.cfg
     result = train(task, cfg.engine, run_dir, resume=resume)
     ctx = task.ctx
     final: dict[str, float] = {}
     if ctx is not None and not ctx.is_main:
         return {**result, "final": final, "threshold": task.threshold}
-    if val_data is not None and ctx is not None:
+    if task.val_data is not None and ctx is not None:
         if cfg.infer.tta:
             final = task.evaluate(ctx, tta=True)
         else:
             final = {k.removeprefix("val/"): v for k, v in result.items() if k.startswith("val/")}
     choice = task.threshold_choice
     rule = choice.reason if choice else "fixed 0.5"
-    if choice is None and cfg.threshold.choose and val_data is not None:
+    if choice is None and cfg.threshold.choose and task.val_data is not None:
         rule = "restored from the checkpoint"
     info = {**(meta or {}), "threshold_rule": rule, "final_validation": final}
     task.segmenter(info).save(run_dir / MODEL_DIR)
