@@ -92,11 +92,11 @@ def image_grid(
     return out_path
 
 
-def _palette_png(image: Image.Image) -> bytes:
-    """PNG bytes quantised to 256 colours (octree keeps overlay hues): figures stay small."""
+def _palette_png(image: Image.Image, method: Image.Quantize = Image.Quantize.MEDIANCUT) -> bytes:
+    """PNG bytes quantised to 256 colours, so figures stay small. Median cut keeps grey ramps
+    smooth (octree bands them by up to 8 grey levels); octree keeps many blended overlay hues."""
     buffer = io.BytesIO()
-    image.quantize(256, method=Image.Quantize.FASTOCTREE).save(buffer, format="PNG",
-                                                                optimize=True)
+    image.quantize(256, method=method).save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
 
 
@@ -169,5 +169,5 @@ def save_slice_figure(
     fig.suptitle(f"{title or volume.source} ({height}x{width} px{pixel})", fontsize=10, y=0.99)
     canvas.draw()
     rgb = np.asarray(canvas.buffer_rgba())[..., :3]
-    atomic_write_bytes(out, _palette_png(Image.fromarray(rgb)))
+    atomic_write_bytes(out, _palette_png(Image.fromarray(rgb), Image.Quantize.FASTOCTREE))
     return out
