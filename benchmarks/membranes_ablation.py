@@ -27,7 +27,7 @@ from emsynth.config import load_config
 from emsynth.data.phantom import generate_volume
 from emsynth.data.volume import MEMBRANE
 from emsynth.io import atomic_write_text
-from emsynth.membranes.config import AUGMENTATION_VARIANTS, MembraneConfig
+from emsynth.membranes.config import AUGMENTATION_VARIANTS, MembraneConfig, variant_names
 from emsynth.membranes.predict import MembraneModel, evaluate_volume
 from emsynth.membranes.task import train_membranes
 
@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads for prediction (1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    try:
+        names = variant_names(args.variants)
+    except ValueError as error:
+        parser.error(str(error))
     seeds = [int(s) for s in args.seeds.split(",")]
     size = (args.target_size, args.target_size)
     target = generate_volume("ca1", args.target_slices, size, seed=args.target_seed)

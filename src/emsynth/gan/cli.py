@@ -153,7 +153,8 @@ def evaluate_cmd(
     crop_size: Annotated[int, typer.Option("--crop-size", min=16, help="Side of those crops "
                                            "(shrunk to fit the slices).")] = 256,
     kid_subsets: Annotated[int, typer.Option("--kid-subsets", min=1,
-                                             help="Random subsets (of half the crops) KID averages over.")] = 100,
+                                             help="Random subsets (of half the crops) KID "
+                                             "averages over.")] = 100,
     dropout: Annotated[
         bool, typer.Option("--dropout/--no-dropout", help="Dropout on at synthesis, as "
                            "pix2pix does at test time.")

@@ -34,9 +34,9 @@ def comparison_figure(
     """Write a grid, one row per slice of `real` in `rows` (default: up to 3 evenly spread).
 
     `real` holds the real images and the masks shown in the first column (keep only the
-    conditioning labels there); `synthetic` maps a
-    column title to a (z, y, x) uint8 stack synthesised from those masks. `crop`: centre crop
-    side in px, so that texture stays visible at figure size (None = whole slice).
+    conditioning labels there); `synthetic` maps a column title to a (z, y, x) uint8 stack
+    synthesised from those masks. `crop`: centre crop side in px, so that texture stays visible
+    at figure size (None = whole slice).
     """
     rows = list(rows) if rows is not None else default_slices(len(real))
     channels = ", ".join(name for name in OVERLAY_COLOURS if name in real.labels)

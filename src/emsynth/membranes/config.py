@@ -186,3 +186,13 @@ AUGMENTATION_VARIANTS: dict[str, list[str]] = {
     "all": [*_ROBUST_ALL, "robust.mito_dropout=0"],
     "all+dropout": [*_ROBUST_ALL, "robust.mito_dropout=0.3"],
 }
+
+
+def variant_names(spec: str) -> list[str]:
+    """The names in a comma-separated list of AUGMENTATION_VARIANTS; ValueError on unknown ones."""
+    names = [v.strip() for v in spec.split(",") if v.strip()]
+    unknown = [n for n in names if n not in AUGMENTATION_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from "
+                         f"{', '.join(AUGMENTATION_VARIANTS)}")
+    return names
