@@ -18,7 +18,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-from emsynth.engine.trainer import autocast_factory
+from emsynth.engine.device import autocast_factory
 
 
 def step_seconds(model, optimizer, loss_fn, images, masks, precision: str, steps: int) -> float:

@@ -35,8 +35,8 @@ import torch
 
 from emsynth.config import load_config
 from emsynth.data.phantom import generate_volume
+from emsynth.engine.device import autocast_factory, resolve_precision
 from emsynth.engine.task import StepContext
-from emsynth.engine.trainer import autocast_factory, resolve_precision
 from emsynth.gan.config import GanConfig
 from emsynth.gan.losses import discriminator_loss, generator_adversarial_loss
 from emsynth.gan.task import GanTask

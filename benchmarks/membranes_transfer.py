@@ -30,11 +30,11 @@ import torch
 
 from emsynth.config import load_config
 from emsynth.data.readers import read_volume
+from emsynth.data.slices import evenly_spaced
 from emsynth.io import atomic_write_text
 from emsynth.membranes.config import AUGMENTATION_VARIANTS, MembraneConfig, variant_names
 from emsynth.membranes.predict import MembraneModel, evaluate_volume
 from emsynth.membranes.task import train_membranes
-from emsynth.segment.sampling import evenly_spaced
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

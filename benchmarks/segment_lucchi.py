@@ -34,15 +34,17 @@ import torch
 
 from emsynth.config import load_config
 from emsynth.data.readers import read_volume
+from emsynth.data.slices import evenly_spaced
+from emsynth.engine.device import resolve_device, resolve_precision
 from emsynth.engine.metrics import read_metrics_csv
-from emsynth.engine.trainer import resolve_device, resolve_precision, train
+from emsynth.engine.trainer import train
 from emsynth.io import atomic_write_text
 from emsynth.segment import augment
 from emsynth.segment.config import SegmentConfig
 from emsynth.segment.infer import predict_with
 from emsynth.segment.metrics import IOU_NAME, counts
 from emsynth.segment.model import Segmenter, build_model, to_float
-from emsynth.segment.sampling import SegmentData, evenly_spaced, segment_data
+from emsynth.segment.sampling import SegmentData, segment_data
 from emsynth.segment.task import SegmentTask
 from emsynth.segment.train import MODEL_DIR, fit
 

@@ -22,7 +22,12 @@ def _one_torch_thread():
     of idle OpenMP threads make them up to 10x slower."""
     import torch
 
+    from emsynth.engine import device
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(device, "usable_cores", lambda: 1)  # the engine's default thread count
     yield
+    patch.undo()
     torch.set_num_threads(before)

@@ -20,6 +20,7 @@ from torch import nn
 from emsynth.config import StrictModel
 from emsynth.engine import EngineConfig, StepContext, Task, save_weights, train, unwrap
 from emsynth.engine.cli import TrainOptions, train_options
+from emsynth.engine.task import step_context
 
 FEATURES = 4
 
@@ -55,7 +56,6 @@ class TinyTask(Task):
         return self.cfg.model_dump(include={"hidden", "batch", "batchnorm", "dropout", "lr"})
 
     def setup(self, ctx: StepContext) -> None:
-        self.ctx = ctx
         hidden = self.cfg.hidden
         net = nn.Sequential(
             nn.Linear(FEATURES, hidden),
@@ -102,7 +102,7 @@ class TinyTask(Task):
         x, y = (t.to(ctx.device) for t in self._draw(np.random.default_rng(99)))
         return {"mse": nn.functional.mse_loss(net(x).float(), y).item()}
 
-    def log_images(self, step: int, writer, out_dir) -> None:
+    def log_images(self, step: int, writer, out_dir, ctx: StepContext) -> None:
         import imageio.v3 as iio
 
         self.image_steps.append(step)
@@ -154,8 +154,9 @@ def main(
     cfg = opts.load(TinyConfig)
     task = TinyTask(cfg)
     result = train(task, cfg.engine, opts.run_dir, resume=opts.resume)
-    if task.ctx.world_size > 1:
-        weights_out = weights_out.with_name(f"{weights_out.stem}_rank{task.ctx.rank}"
+    ctx = step_context(cfg.engine)
+    if ctx.world_size > 1:
+        weights_out = weights_out.with_name(f"{weights_out.stem}_rank{ctx.rank}"
                                             f"{weights_out.suffix}")
     save_weights(weights_out, task.modules, {"steps_taken": task.steps_taken, **result})
     print(f"stop_reason={result['stop_reason']} step={result['step']}", file=sys.stderr)

@@ -46,3 +46,39 @@ def test_atomic_writes_get_normal_permissions_and_leave_no_temp(tmp_path):
     assert target.read_text() == "hello"
     assert (target.stat().st_mode & 0o777) == (0o666 & ~_UMASK)
     assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_stage_presets_load_with_their_typed_configs():
+    from pathlib import Path
+
+    from emsynth.membranes.config import MembraneConfig
+    from emsynth.segment.config import SegmentConfig
+    from emsynth.study.config import StudyConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for folder, model in (("segment", SegmentConfig), ("membranes", MembraneConfig),
+                          ("study", StudyConfig)):
+        presets = sorted((root / folder).glob("*.yaml"))
+        assert presets, folder
+        for preset in presets:
+            load_config(model, preset)
+
+
+def test_composed_augmentation_keeps_the_dumped_keys_study_cells_hash():
+    """Study cell keys hash these dumps: composing the classes must not rename a key."""
+    from emsynth.segment.config import AugmentConfig, GeometryConfig
+    from emsynth.study.config import MembraneSourceConfig, SynthesisConfig
+
+    geometry = {"dihedral", "elastic_prob", "elastic_sigma", "elastic_spacing", "rotate_prob",
+                "scale_range"}
+    assert set(GeometryConfig().model_dump()) == geometry
+    assert set(AugmentConfig().model_dump()) == geometry | {
+        "noise_prob", "noise_std", "intensity_prob", "brightness", "contrast", "gamma"}
+    synthesis = SynthesisConfig()
+    assert synthesis.model_dump() == {
+        "count": 64, "size": 256, "masks": "real", "elastic_sigma": 10.0, "elastic_spacing": 64,
+        "scale_range": 0.1, "procedural_domain": "ca1", "procedural_fit": True, "dropout": True}
+    with pytest.raises(ValueError, match="scale_range"):
+        SynthesisConfig(scale_range=1.0)
+    assert set(MembraneSourceConfig().model_dump()) == {
+        "source", "model_dir", "train_config", "folder", "threshold", "thin_width"}

@@ -19,6 +19,7 @@ from emsynth.config import load_config
 from emsynth.engine import EngineConfig, load_weights, save_weights, train
 from emsynth.engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from emsynth.engine.metrics import read_metrics_csv
+from emsynth.engine.task import step_context
 from emsynth.errors import EmsynthError
 
 
@@ -132,8 +133,14 @@ def test_run_json_and_config_yaml_record_the_run(tmp_path):
     assert set(record["versions"]) == {"python", "torch", "monai", "numpy", "emsynth"}
     commit = record["git"]["commit"]
     assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
-    assert record["resolved"] == {"device": "cpu", "precision": "bf16", "num_threads": 1,
-                                  "world_size": 1}
+    from emsynth.engine.device import choose_precision, cpu_capability
+
+    expected = choose_precision("auto", torch.device("cpu"))
+    resolved = record["resolved"]
+    assert {k: resolved[k] for k in ("device", "precision", "num_threads", "world_size")} == {
+        "device": "cpu", "precision": expected.precision, "num_threads": 1, "world_size": 1}
+    assert resolved["precision_reason"] == expected.reason
+    assert resolved["cpu_capability"] == cpu_capability()
     assert record["host"]["hostname"] and record["started_at"] <= record["ended_at"]
     assert record["start_step"] == 0 and record["end_step"] == 20
     assert record["final_metrics"]["step"] == 20
@@ -239,7 +246,7 @@ def test_weights_export_round_trip(tmp_path):
     path = tmp_path / "model.safetensors"
     save_weights(path, task.modules, {"config": {"hidden": 8}, "note": "x"})
     fresh = TinyTask(tiny())
-    fresh.setup(task.ctx)
+    fresh.setup(step_context(task.cfg.engine))
     state_dicts, metadata = load_weights(path, fresh.modules)
     assert metadata == {"config": {"hidden": 8}, "note": "x"}
     assert_bitwise_equal(weights(task), weights(fresh))
@@ -248,7 +255,7 @@ def test_weights_export_round_trip(tmp_path):
     wrong = tiny()
     wrong.hidden = 5
     other = TinyTask(wrong)
-    other.setup(task.ctx)
+    other.setup(step_context(task.cfg.engine))
     with pytest.raises(EmsynthError, match="weights do not fit module 'net'") as err:
         load_weights(path, other.modules)
     assert str(path) in str(err.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import sys
 import threading
@@ -19,12 +20,14 @@ from rich.console import Console
 
 from emsynth.data import fetch as fetch_module
 from emsynth.data.fetch import (
+    CHECKSUMS_FILE,
     DATASETS,
     EPFL_TRUTH,
     EPFL_VOLUME,
     CheckFailed,
     StructureCheck,
     fetch_dataset,
+    load_checksums,
 )
 from emsynth.errors import EmsynthError
 
@@ -116,6 +119,23 @@ def _sha256(path: Path) -> str:
 def _shared_sums(shared_data: Path) -> dict[str, str]:
     lines = (shared_data / "drosophila_vnc" / "SHA256SUMS").read_text().splitlines()
     return {rel.removeprefix("./"): digest for digest, rel in (line.split() for line in lines)}
+
+
+def test_checksums_are_package_data_registered_for_installs() -> None:
+    """The table ships as emsynth/data/checksums.json (listed in pyproject's package-data,
+    so wheels carry it) and holds one SHA-256 per drosophila-vnc file, in file order."""
+    import importlib.resources
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    text = importlib.resources.files("emsynth.data").joinpath(CHECKSUMS_FILE).read_text()
+    table = json.loads(text)["drosophila-vnc"]
+    assert load_checksums("drosophila-vnc") == table
+    assert len(table) == 80 and all(re.fullmatch(r"[0-9a-f]{64}", d) for d in table.values())
+    assert [f.relpath for f in DATASETS["drosophila-vnc"].files] == list(table)
+    assert all(f.sha256 == table[f.relpath] for f in DATASETS["drosophila-vnc"].files)
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    package_data = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
+    assert f"data/{CHECKSUMS_FILE}" in package_data["emsynth"]
 
 
 def test_vnc_table_matches_the_shared_checksums_and_upstream_urls(shared_data: Path) -> None:

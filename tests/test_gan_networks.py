@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from emsynth.errors import EmsynthError
-from emsynth.gan.networks import MultiScaleDiscriminator, UNetGenerator, conv4s2_as_matmul
+from emsynth.gan.networks import (
+    MultiScaleDiscriminator,
+    UNetGenerator,
+    conv4s2_as_matmul,
+    frozen,
+    patch_logits,
+    split_pairs,
+)
 
 SPEC_ENCODER = [64, 128, 256, 512, 512, 512, 512, 512]  # C64-C128-C256-C512-C512-C512-C512-C512
 SPEC_DECODER = [512, 1024, 1024, 1024, 1024, 512, 256, 128]  # CD512-CD1024-CD1024-C1024-...-C128
@@ -148,3 +155,35 @@ def test_generator_same_output_with_and_without_the_matmul_path():
         g.set_small_map_matmul(False)
         library = g(x)
     torch.testing.assert_close(fast, library, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_blocks_weight_gradients_and_restores_flags_even_on_error():
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    net[1].bias.requires_grad_(False)
+    flags = [p.requires_grad for p in net.parameters()]
+    assert flags == [True, True, True, False]
+
+    x = torch.ones(4, 2, requires_grad=True)
+    with frozen(net) as inside:
+        assert inside is net and not any(p.requires_grad for p in net.parameters())
+        net(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # gradients still flow to the input
+    assert all(p.grad is None for p in net.parameters())
+    assert [p.requires_grad for p in net.parameters()] == flags
+
+    with pytest.raises(RuntimeError, match="boom"), frozen(net):
+        raise RuntimeError("boom")
+    assert [p.requires_grad for p in net.parameters()] == flags
+
+
+def test_split_pairs_takes_fake_first_then_real():
+    d = MultiScaleDiscriminator(in_channels=3, ndf=8, n_scales=2)
+    fake, real = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    fake_feats, real_feats = split_pairs(d(torch.cat([fake, real])), 2)
+    alone_fake, alone_real = d(fake), d(real)  # InstanceNorm is per sample: same features
+    for joint, alone in ((fake_feats, alone_fake), (real_feats, alone_real)):
+        for scale_joint, scale_alone in zip(joint, alone):
+            assert len(scale_joint) == len(scale_alone)
+            for a, b in zip(scale_joint, scale_alone):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert [x.shape for x in patch_logits(fake_feats)] == [f[-1].shape for f in alone_fake]

@@ -20,12 +20,13 @@ from emsynth.config import load_config
 from emsynth.data.phantom import generate_volume
 from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.engine import train
-from emsynth.engine.checkpoint import load_checkpoint
+from emsynth.engine.checkpoint import load_checkpoint, unwrap
+from emsynth.engine.task import step_context
 from emsynth.errors import EmsynthError
 from emsynth.gan.config import GanConfig
+from emsynth.gan.export import GENERATOR_FILE, load_generator
 from emsynth.gan.task import GanTask, linear_decay
 from emsynth.gan.train import split_volumes, train_gan
-from emsynth.synthesis.inference import GENERATOR_FILE, load_generator
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "gan" / "tiny.yaml"
 
@@ -48,7 +49,7 @@ def test_presets_load():
     assert spec.loss.adversarial == "lsgan" and spec.loss.l1_weight == 100
     assert (spec.optim.lr, spec.optim.beta1, spec.optim.beta2) == (2e-4, 0.5, 0.999)
     cpu = load_config(GanConfig, root / "cpu.yaml")
-    assert cpu.model.ngf in (16, 32) and cpu.data.crop == 256 and cpu.engine.precision == "bf16"
+    assert cpu.model.ngf in (16, 32) and cpu.data.crop == 256 and cpu.engine.precision == "auto"
     assert _cfg().model.ngf == 8
 
 
@@ -123,6 +124,79 @@ def test_other_losses_and_feature_matching_train(tmp_path, phantom, adversarial)
                "loss.feature_matching_weight=10")
     result = train(GanTask(cfg, [phantom]), cfg.engine, tmp_path / "run", resume=False)
     assert np.isfinite(result["fm"]) and result["fm"] > 0 and np.isfinite(result["g"])
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in unwrap(module).state_dict().items()}
+
+
+def _grads(module: torch.nn.Module) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in unwrap(module).parameters()]
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fm_weight", [0, 10])
+def test_each_update_changes_only_its_own_network(phantom, fm_weight):
+    """The D step leaves G untouched (fake detached: no gradient reaches G either); the G step
+    leaves D untouched (frozen: not even a weight gradient lands in D)."""
+    cfg = _cfg("engine.device=cpu", "engine.precision=fp32",
+               f"loss.feature_matching_weight={fm_weight}")
+    task = GanTask(cfg, [phantom])
+    ctx = step_context(cfg.engine)
+    task.setup(ctx)
+    generator, discriminator = task.modules["generator"], task.modules["discriminator"]
+    masks, real = task.sample_batch(np.random.default_rng(0))
+    with ctx.autocast():
+        fake = generator(masks)
+    g_start, d_start = _state(generator), _state(discriminator)
+
+    d_terms = task.update_discriminator(masks, real, fake, ctx)
+    assert _same(_state(generator), g_start)
+    assert all(p.grad is None for p in generator.parameters())
+    d_after = _state(discriminator)
+    assert not _same(d_after, d_start)
+    assert set(d_terms) == {"d", "d_real", "d_fake"}
+    d_grads = _grads(discriminator)
+    assert all(g is not None for g in d_grads)
+
+    g_terms = task.update_generator(masks, real, fake, ctx)
+    assert _same(_state(discriminator), d_after)
+    assert all(torch.equal(a, b) for a, b in zip(_grads(discriminator), d_grads))
+    assert all(p.requires_grad for p in discriminator.parameters())
+    assert not _same(_state(generator), g_start)
+    assert set(g_terms) == {"g_adv", "l1", "g"} | ({"fm"} if fm_weight else set())
+
+
+class _ModeRecordingGanTask(GanTask):
+    """Records, at each step, whether every generator module is in train mode (dropout on)."""
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.train_modes: list[bool] = []
+
+    def train_step(self, batch, ctx):
+        generator = unwrap(self.modules["generator"])
+        self.train_modes.append(all(m.training for m in generator.modules()))
+        return super().train_step(batch, ctx)
+
+
+def test_generator_back_in_train_mode_after_validation_and_images(tmp_path, phantom):
+    """Validation and image logging run G in eval mode every step; each next step and the end
+    of training still find G (and its dropout) in train mode."""
+    cfg = _cfg("engine.steps=3", "engine.checkpoint_every=0", "engine.val_every=1",
+               "engine.image_every=1", "engine.log_every=1", "engine.device=cpu")
+    train_v, val_v = split_volumes([phantom], 1)
+    task = _ModeRecordingGanTask(cfg, train_v, val_v)
+    result = train(task, cfg.engine, tmp_path / "run", resume=False)
+    assert task.train_modes == [True, True, True]
+    generator = unwrap(task.modules["generator"])
+    assert all(m.training for m in generator.modules())
+    assert np.isfinite(result["val/l1"])
+    assert sorted(p.name for p in (tmp_path / "run" / "images").iterdir()) == [
+        f"samples_{s:08d}.png" for s in (1, 2, 3)]
 
 
 class _InterruptedGanTask(GanTask):

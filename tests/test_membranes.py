@@ -323,3 +323,103 @@ def test_checks_and_thinning_accept_bools_stored_as_byte_255():
     assert odd.view(np.uint8).max() == 255
     assert check_membranes(odd) == check_membranes(grid)
     assert np.array_equal(thin_membranes(odd[None], 3), thin_membranes(grid[None], 3))
+
+
+# --- configs compose, prediction, the thin CLI ----------------------------------------------
+
+
+def test_geometry_is_the_segment_stage_class_and_keeps_its_keys():
+    from emsynth.segment.config import AugmentConfig, GeometryConfig
+
+    cfg = MembraneConfig.model_validate({"geometry": {"elastic_prob": 0.3, "scale_range": 0.15}})
+    assert type(cfg.geometry) is GeometryConfig
+    assert set(cfg.geometry.model_dump()) == {"dihedral", "elastic_prob", "elastic_sigma",
+                                              "elastic_spacing", "rotate_prob", "scale_range"}
+    augment = cfg.segment_config().augment
+    assert isinstance(augment, AugmentConfig)
+    assert {k: getattr(augment, k) for k in cfg.geometry.model_dump()} == cfg.geometry.model_dump()
+    assert augment.intensity_prob == cfg.robust.intensity_prob and augment.noise_prob == 0.0
+
+
+def _membrane_model_run(tmp_path, threshold: float = 0.5):
+    """A tiny untrained membrane model exported as `membranes train` does: run/model."""
+    from emsynth.membranes.task import META_KEY
+    from emsynth.segment.config import InferConfig, ModelConfig
+    from emsynth.segment.model import MODEL_DIR, Segmenter, build_model
+
+    model = ModelConfig(channels=[4, 8], strides=[2], num_res_units=0)
+    torch.manual_seed(0)
+    Segmenter(build_model(model, 2), model, list(INPUTS), TARGET, threshold,
+              InferConfig(window=32, sw_batch_size=2),
+              {META_KEY: {"normalizer": Normalizer().as_dict()}}).save(tmp_path / "run" / MODEL_DIR)
+    return tmp_path / "run"
+
+
+def test_predict_volume_thresholds_thins_scores_and_checks(tmp_path):
+    from emsynth.membranes.predict import (
+        MembraneModel,
+        format_scores,
+        membrane_scores,
+        predict_membranes,
+        predict_volume,
+    )
+
+    volume = _phantom_like(n=2, size=64)
+    model = MembraneModel.load(_membrane_model_run(tmp_path))  # the run folder resolves
+    assert model.path == tmp_path / "run" / "model"
+    prob = predict_membranes(model, volume, volume.labels[MITO], precision="fp32")
+    thr = float(np.median(prob))
+    result = predict_volume(model, volume, "labels", threshold=thr, thin_width=3,
+                            precision="fp32", data="somewhere")
+    truth = volume.labels[MEMBRANE]
+    binary = prob >= thr
+    assert 0 < binary.mean() < 1
+    np.testing.assert_array_equal(result.prob, prob)
+    assert np.array_equal(result.membranes, thin_membranes(binary, 3))
+    assert result.record["scores"] == membrane_scores(binary, truth)
+    assert result.record["scores_thinned"] == membrane_scores(result.membranes, truth)
+    assert result.record["threshold"] == thr and result.record["data"] == "somewhere"
+    assert result.checks == check_membranes(result.membranes, volume.labels[MITO])
+    assert result.record["plausibility"] == result.checks.as_dict()
+    lines = format_scores(result.record)
+    assert len(lines) == 2 and lines[0].startswith("scores vs") and f"{thr:.3f}" in lines[0]
+
+    default = predict_volume(model, volume, precision="fp32")  # model's threshold, not thinned
+    assert default.record["threshold"] == model.threshold == 0.5
+    assert np.array_equal(default.membranes, prob >= 0.5)
+    assert "scores_thinned" not in default.record
+    del volume.labels[MEMBRANE]
+    assert format_scores(predict_volume(model, volume, precision="fp32").record) == []
+
+
+@pytest.mark.filterwarnings("ignore::emsynth.data.validate.InputWarning")
+def test_cli_predict_needs_data_and_out_then_check_and_figure_read_its_folder(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from emsynth.cli import app
+    from emsynth.data.writers import write_slice_folder
+
+    run = _membrane_model_run(tmp_path)
+    data = write_slice_folder(_phantom_like(n=2, size=64), tmp_path / "data")
+    out = tmp_path / "pred"
+    missing = CliRunner().invoke(app, ["membranes", "predict", "-m", str(run), "-o", str(out)])
+    assert missing.exit_code == 2 and "--data" in missing.output  # no dataset path default
+    result = CliRunner().invoke(app, ["membranes", "predict", "-m", str(run), "-d", str(data),
+                                      "-o", str(out), "--thin-width", "3"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "prediction.json").read_text())
+    assert record["data"] == str(data) and record["thin_width"] == 3
+    assert "scores thinned vs" in result.output
+    check = CliRunner().invoke(app, ["membranes", "check", str(out), "--json",
+                                     str(tmp_path / "check.json")])
+    assert check.exit_code == 0, check.output
+    numbers = json.loads((tmp_path / "check.json").read_text())
+    assert {k: v for k, v in numbers.items() if k != "source"} == record["plausibility"]
+    figure = CliRunner().invoke(app, ["membranes", "figure", str(out), "-o",
+                                      str(tmp_path / "f.png"), "--truth", str(data)])
+    assert figure.exit_code == 0, figure.output
+    assert (tmp_path / "f.png").stat().st_size > 0
+    bare = CliRunner().invoke(app, ["membranes", "check", str(tmp_path / "data" / "images")])
+    assert bare.exit_code != 0

@@ -20,6 +20,7 @@ from emsynth.data.phantom import (
     get_domain,
     mask_statistics,
 )
+from emsynth.data.phantom.noise import EvolvingField, gaussian_noise_field
 from emsynth.data.readers import read_volume
 from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.data.writers import write_slice_folder
@@ -298,3 +299,25 @@ def test_cli_phantom_writes_a_readable_folder(tmp_path):
     bad = runner.invoke(app, ["data", "phantom", "--domain", "nope", "--out", str(tmp_path / "x")])
     assert isinstance(bad.exception, EmsynthError)
     assert runner.invoke(app, ["data", "phantom", "--help"]).exit_code == 0
+
+
+def test_noise_fields_have_unit_spread_and_their_correlation_length():
+    """The fields the tissue draws from: zero mean, unit std, neighbours correlated over about
+    `scale` px, and slice-to-slice fields that drift smoothly from slice 0."""
+    rng = np.random.default_rng(0)
+
+    def neighbour_correlation(field, lag):
+        return np.corrcoef(field[:, :-lag].ravel(), field[:, lag:].ravel())[0, 1]
+
+    white = gaussian_noise_field(rng, (128, 160), 0)
+    smooth = gaussian_noise_field(rng, (128, 160), 6.0)
+    for field in (white, smooth):
+        assert field.shape == (128, 160) and field.dtype == np.float32
+        assert abs(field.mean()) < 0.05 and field.std() == pytest.approx(1.0, abs=0.02)
+    assert smooth.std() == pytest.approx(1.0, abs=1e-4)  # normalised after filtering
+    assert abs(neighbour_correlation(white, 1)) < 0.05
+    assert neighbour_correlation(smooth, 3) > 0.8 > neighbour_correlation(smooth, 20)
+    drift = EvolvingField(rng, (64, 64), 4.0, 0.1, n_slices=10)
+    assert drift.at(0) is drift.a
+    near, far = (np.corrcoef(drift.at(0).ravel(), drift.at(z).ravel())[0, 1] for z in (1, 15))
+    assert near > 0.99 and far < 0.3

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from emsynth.cli import app
 from emsynth.data.figures import default_slices, overlay, save_slice_figure
 from emsynth.data.readers import (
+    SLICE_LAYOUTS,
     detect_layout,
     natural_key,
     read_volume,
@@ -140,6 +141,39 @@ def test_isbi_layout_is_detected_and_inverted(tmp_path):
     # The same folder read as mitochondria by mistake is refused as inverted.
     with pytest.raises(EmsynthError, match="looks inverted"):
         read_volume(tmp_path, layout="slices")
+
+
+@pytest.mark.parametrize("name", sorted(SLICE_LAYOUTS))
+def test_each_slice_layout_of_the_table_reads_its_folders(tmp_path, name):
+    """A folder built from the table entry alone (image folder, label folders, mask
+    convention) reads back exactly, with the entry's pixel size; the stated polarity
+    overrides the entry's convention."""
+    layout = SLICE_LAYOUTS[name]
+    images = _images(3)
+    truth = {MITO: _blobs(3), MEMBRANE: _grid(3), SYNAPSE: _blobs(3, 9) & ~_blobs(3)}
+    for z in range(3):
+        _write_png(tmp_path / layout.image_dir / f"{z:02d}.png", images[z])
+        for folder, label in layout.label_dirs.items():
+            mask = ~truth[label][z] if layout.foreground_black else truth[label][z]
+            _write_png(tmp_path / folder / f"{z:02d}.png", mask.astype(np.uint8) * 255)
+    vol = read_volume(tmp_path, layout=name)
+    np.testing.assert_array_equal(vol.image, images)
+    assert sorted(vol.labels) == sorted(layout.label_dirs.values())
+    for label, mask in vol.labels.items():
+        np.testing.assert_array_equal(mask, truth[label])
+    assert vol.pixel_size_nm == layout.pixel_size and f"({name})" in vol.source
+    flipped = "foreground-white" if layout.foreground_black else "foreground-black"
+    inverted = read_volume(tmp_path, layout=name, polarity=flipped)
+    for label, mask in inverted.labels.items():
+        np.testing.assert_array_equal(mask, ~truth[label])
+
+
+def test_required_label_folder_of_a_layout_must_exist(tmp_path):
+    assert SLICE_LAYOUTS["isbi"].required == ("masks",)
+    _write_png(tmp_path / "images" / "00.png", _images(1)[0])
+    with pytest.raises(EmsynthError, match="membrane mask folder does not exist"):
+        read_volume(tmp_path, layout="isbi")
+    assert read_volume(tmp_path, layout="slices").labels == {}
 
 
 def test_generic_layout_with_mask_dir_label_and_polarity(tmp_path):

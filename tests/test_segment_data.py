@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from emsynth.data.slices import evenly_spaced, parse_slices, split_blocks
 from emsynth.data.volume import Volume
 from emsynth.errors import EmsynthError
 from emsynth.segment import augment
 from emsynth.segment.config import AugmentConfig
-from emsynth.segment.sampling import (
-    PatchSampler,
-    evenly_spaced,
-    parse_slices,
-    segment_data,
-    split_blocks,
-)
+from emsynth.segment.sampling import MixedSampler, PatchSampler, SegmentData, segment_data
 
 
 def _volume(z=6, h=80, w=96, seed=0) -> Volume:
@@ -80,8 +75,35 @@ def test_split_blocks_are_contiguous_and_disjoint():
     assert test == list(range(155, 165))
     train, val, _ = split_blocks(165, val=20)
     assert train[-1] == 144 and val == list(range(145, 165))
-    with pytest.raises(EmsynthError):
-        split_blocks(10, val=10)
+    assert split_blocks(5, val=0) == ([0, 1, 2, 3, 4], [], [])
+    # One message for every stage; the caller names the volume and its own settings.
+    with pytest.raises(EmsynthError) as err:
+        split_blocks(10, val=10, where="stack.tif", fix="lower data.val_block")
+    assert str(err.value) == ("stack.tif: holding out 10 validation slices leaves no training "
+                              "slices in a 10-slice volume. Fix: lower data.val_block")
+    with pytest.raises(EmsynthError, match=r"6 validation \+ 3 test slices \(with gaps of 1\)"):
+        split_blocks(11, val=6, test=3, gap=1)
+    assert split_blocks(12, val=6, test=3, gap=1)[0] == [0]
+
+
+def test_mixed_sampler_draws_each_crop_from_its_source_at_the_given_shares():
+    def constant(value: int, size: int) -> SegmentData:
+        inputs = np.full((3, 1, size, size), value, np.uint8)
+        return SegmentData(inputs, np.zeros((3, size, size), bool), ["image"], "mito",
+                           ["a", "b", "c"])
+
+    # Sources of different slice sizes, told apart by their constant value.
+    sampler = MixedSampler([PatchSampler(constant(10, 48), 16),
+                            PatchSampler(constant(200, 24), 16)], [3.0, 1.0])
+    assert sampler.shares.tolist() == [0.75, 0.25]
+    xs, ys = sampler.sample(np.random.default_rng(0), 4000)
+    assert xs.shape == (4000, 1, 16, 16) and ys.shape == (4000, 1, 16, 16)
+    values = xs.reshape(4000, -1)
+    assert set(np.unique(values)) == {10, 200}
+    assert (values.min(1) == values.max(1)).all()  # every crop from one source
+    assert (values[:, 0] == 200).mean() == pytest.approx(0.25, abs=0.03)
+    with pytest.raises(ValueError, match="shares"):
+        MixedSampler([sampler.samplers[0]], [0.0])
 
 
 def test_parse_slices_and_evenly_spaced():

@@ -215,3 +215,58 @@ def test_cli_train_predict_evaluate_round_trip(phantom, tmp_path):
     )
     assert result.exit_code != 0 and isinstance(result.exception, EmsynthError)
     assert "--slices" in str(result.exception)
+
+
+def tiny_segmenter(channels: list[int]) -> Segmenter:
+    from emsynth.segment.config import ModelConfig
+    from emsynth.segment.model import build_model
+
+    model = ModelConfig(channels=channels, strides=[2] * (len(channels) - 1), num_res_units=0)
+    torch.manual_seed(0)
+    return Segmenter(build_model(model, 1), model, ["image"], "mito", threshold=0.42)
+
+
+def test_exported_model_loads_from_run_folder_and_model_folder(tmp_path):
+    from emsynth.engine.checkpoint import load_weights
+    from emsynth.segment.model import FORMAT, WEIGHTS
+
+    seg = tiny_segmenter([4, 8])
+    seg.save(tmp_path / "run" / MODEL_DIR)
+    # One weights format for every export: the engine's, the network as module "net".
+    state, metadata = load_weights(tmp_path / "run" / MODEL_DIR / WEIGHTS)
+    assert list(state) == ["net"] and metadata == {"format": FORMAT}
+    for where in (tmp_path / "run", tmp_path / "run" / MODEL_DIR,
+                  tmp_path / "run" / MODEL_DIR / WEIGHTS):
+        loaded = Segmenter.load(where)
+        assert loaded.threshold == pytest.approx(0.42)
+        for key, value in seg.net.state_dict().items():
+            assert torch.equal(loaded.net.state_dict()[key], value), key
+
+
+def test_segmenter_exported_in_the_old_plain_format_still_loads(tmp_path):
+    """Run folders written before the weights formats were merged: plain parameter names."""
+    from safetensors.torch import save_file
+
+    from emsynth.segment.model import FORMAT, WEIGHTS
+
+    seg = tiny_segmenter([4, 8])
+    folder = seg.save(tmp_path / "model")
+    plain = {k: v.contiguous() for k, v in seg.net.state_dict().items()}
+    save_file(plain, str(folder / WEIGHTS), metadata={"format": FORMAT})
+    loaded = Segmenter.load(folder)
+    for key, value in plain.items():
+        assert torch.equal(loaded.net.state_dict()[key], value), key
+
+
+def test_mismatched_weights_are_a_one_line_error_naming_the_file(tmp_path):
+    from emsynth.segment.model import SIDECAR, WEIGHTS
+
+    folder = tiny_segmenter([4, 8]).save(tmp_path / "a")
+    other = tiny_segmenter([4, 8, 16]).save(tmp_path / "b")
+    (folder / SIDECAR).write_text((other / SIDECAR).read_text())  # sidecar of another model
+    with pytest.raises(EmsynthError) as err:
+        Segmenter.load(folder)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{folder / WEIGHTS}: weights do not fit module 'net'")
+    assert "Fix: pass the model.safetensors exported together with this model.json" in message

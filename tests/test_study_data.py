@@ -1,11 +1,12 @@
-"""The study's data helpers: z-block splits, regime selections, crops, masks for synthesis."""
+"""The study's data helpers: z-block splits, regime selections, crops (mask sources for
+synthesis: tests/test_synthesis_masks.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from emsynth.data.phantom import generate_volume, mask_statistics
+from emsynth.data.phantom import generate_volume
 from emsynth.data.volume import MEMBRANE, MITO
 from emsynth.errors import EmsynthError
 from emsynth.study import data
@@ -90,41 +91,12 @@ def test_split_blocks_and_missing_test():
     blocks = data.split(cfg, 20)
     assert blocks.train == list(range(11)) and blocks.val == [12, 13, 14]
     assert blocks.test == [16, 17, 18, 19]
+    with pytest.raises(EmsynthError, match="leaves no training slices in a 9-slice volume") as err:
+        data.split(cfg, 9)
+    assert "split.val_block" in str(err.value)  # the fix names the study's own settings
     cfg.split.test_block = 0
     with pytest.raises(EmsynthError, match="nothing to score"):
         data.split(cfg, 20)
-
-
-def test_deformed_masks_keep_shapes_plausible():
-    volume = generate_volume("ca1", 2, (128, 128), seed=1)  # 17% mitochondria
-    masks = data.deformed_masks(volume, [MITO, MEMBRANE], count=6, size=96, seed=0,
-                                elastic_sigma=6.0, elastic_spacing=32, scale_range=0.1)
-    assert masks[MITO].shape == (6, 96, 96) and masks[MEMBRANE].dtype == bool
-    real = volume.labels[MITO].mean()
-    assert abs(masks[MITO].mean() - real) < 0.5 * real  # deformed, not destroyed
-    assert not np.array_equal(masks[MITO][0], masks[MITO][1])
-    same = data.deformed_masks(volume, [MITO, MEMBRANE], 6, 96, 0, 6.0, 32, 0.1)
-    assert all(np.array_equal(same[k], masks[k]) for k in masks)  # seeded
-    # Larger than the data: the crops shrink to the slice.
-    assert data.deformed_masks(volume, [MITO], 2, 512, 0, 0.0, 32, 0.0)[MITO].shape == (2, 128, 128)
-
-
-def test_procedural_masks_fit_the_real_masks():
-    volume = generate_volume("vnc", 2, (256, 256), seed=1)
-    masks, label = data.procedural_masks(volume, [MITO, MEMBRANE], 2, 128, 0, "ca1", fit=False)
-    assert label == "procedural (ca1)" and masks[MITO].shape == (2, 128, 128)
-    assert not np.array_equal(masks[MEMBRANE][0], masks[MEMBRANE][1])  # independent tissues
-    fitted, label = data.procedural_masks(volume, [MITO, MEMBRANE], 4, 256, 0, "ca1", fit=True)
-    assert "fitted" in label
-    plain, _ = data.procedural_masks(volume, [MITO, MEMBRANE], 4, 256, 0, "ca1", fit=False)
-    got = mask_statistics(fitted[MITO], fitted[MEMBRANE])
-    want = mask_statistics(volume.labels[MITO], volume.labels[MEMBRANE])
-    ca1 = mask_statistics(plain[MITO], plain[MEMBRANE])
-    # Fitting the ca1 geometry to vnc masks moves the membrane share towards vnc's.
-    assert abs(got.membrane_fraction - want.membrane_fraction) < abs(
-        ca1.membrane_fraction - want.membrane_fraction)
-    only_mito, _ = data.procedural_masks(volume, [MITO], 1, 64, 0, "vnc", fit=False)
-    assert list(only_mito) == [MITO]
 
 
 def test_resolve_path_falls_back_to_the_repo_root(tmp_path, monkeypatch):

@@ -181,18 +181,20 @@ def test_no_resume_redoes_cells(tmp_path, calls):
 def test_a_signal_stop_leaves_the_cell_unfinished(tmp_path, calls, monkeypatch):
     cfg = StudyConfig.model_validate(tiny_config(seeds=[0], regimes=[
         {"name": "1slice", "slices": 1}]))
-    real_train = cells.train
+    from emsynth.segment import train as segment_train  # the engine call inside fit_task
+
+    real_train = segment_train.train
 
     def stopped_by_sigterm(*args, **kwargs):
         return {**real_train(*args, **kwargs), "stop_reason": "signal:SIGTERM"}
 
-    monkeypatch.setattr(cells, "train", stopped_by_sigterm)
+    monkeypatch.setattr(segment_train, "train", stopped_by_sigterm)
     with pytest.raises(cells.StudyInterrupted, match="rerun the same command") as caught:
         runner.run_study(cfg, tmp_path)
     assert caught.value.exit_code == 130
     index = json.loads((tmp_path / "study.json").read_text())
     assert index["status"] == "failed" and not any(c["done"] for c in index["cells"])
-    monkeypatch.setattr(cells, "train", real_train)
+    monkeypatch.setattr(segment_train, "train", real_train)
     index = runner.run_study(cfg, tmp_path)
     assert all(c["done"] for c in index["cells"]) and calls["segment"] == 2
 
@@ -278,3 +280,50 @@ def test_crash_inside_training_resumes_the_cell_from_its_checkpoint(tmp_path, mo
     assert run["resumed_from"].endswith("step_00000002.pt") and run["start_step"] == 2
     assert json.loads((segment_dir / "result.json").read_text())["steps"] == 4
     assert len(steps) == 3 + 2  # two steps before the crash, then only steps 3 and 4
+
+
+def test_a_segmenter_cell_goes_through_fit_task_and_never_opens_the_test_block(
+        tmp_path, monkeypatch):
+    """The same study on data whose test block is poisoned (images inverted, labels
+    swapped) trains identical segmenters: neither training nor the threshold choice reads
+    the test slices. Every study segmenter is trained and exported by segment.train.fit_task."""
+    import torch
+    from safetensors.torch import load_file
+
+    from emsynth.segment import train as segment_train
+
+    fitted = []
+
+    def spy(task, run_dir, *args, **kwargs):
+        fitted.append(Path(run_dir))
+        return segment_train.fit_task(task, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(cells, "fit_task", spy)
+    volume = generate_volume("ca1", 12, (128, 128), seed=3)
+    del volume.labels[MEMBRANE]
+    write_slice_folder(volume, tmp_path / "clean")
+    test_block = slice(10, 12)  # split 2/2/gap 1 of 12 slices: train 0-5, val 7-8, test 10-11
+    volume.image[test_block] = 255 - volume.image[test_block]
+    volume.labels["mito"][test_block] = ~volume.labels["mito"][test_block]
+    write_slice_folder(volume, tmp_path / "poisoned")
+
+    weights, thresholds, scores = [], [], []
+    for name in ("clean", "poisoned"):
+        data = {"source": str(tmp_path / name), "layout": "slices"}
+        cfg = StudyConfig.model_validate(tiny_config(data=data, seeds=[0], regimes=[
+            {"name": "2slices", "slices": 2}]))
+        index = runner.run_study(cfg, tmp_path / f"study_{name}")
+        assert index["data"]["blocks"]["test"] == [10, 11]
+        segment = next(c for c in index["cells"] if c["kind"] == "segment")
+        cell_dir = tmp_path / f"study_{name}" / "cells" / segment["name"]
+        assert fitted[-1] == cell_dir / cells.SEGMENT_RUN
+        weights.append(load_file(str(cell_dir / "model" / "model.safetensors")))
+        thresholds.append(json.loads((cell_dir / "result.json").read_text())["threshold"])
+        evaluation = next(c for c in index["cells"] if c["kind"] == "eval")
+        scores.append(json.loads((tmp_path / f"study_{name}" / "cells" / evaluation["name"]
+                                  / "result.json").read_text())["iou"])
+    assert len(fitted) == 2
+    assert scores[0] != scores[1]  # the poison is there, in the test block the evals score
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert thresholds[0] == thresholds[1]

@@ -13,10 +13,9 @@ from emsynth.data.readers import read_volume
 from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.errors import EmsynthError
 from emsynth.gan.data import Conditioning
+from emsynth.gan.export import export_generator, load_generator
 from emsynth.gan.networks import UNetGenerator
 from emsynth.synthesis.inference import (
-    export_generator,
-    load_generator,
     padding_for,
     synthesize_array,
     synthesize_volume,

@@ -14,6 +14,7 @@ from emsynth.data.cli import app as data_app
 from emsynth.errors import EmsynthError
 from emsynth.gan.cli import app as gan_app
 from emsynth.membranes.cli import app as membranes_app
+from emsynth.options import DeviceOpt
 from emsynth.segment.cli import app as segment_app
 from emsynth.study.cli import app as study_app
 
@@ -61,6 +62,50 @@ def demo(
     from emsynth.demo import run_demo
 
     run_demo(out, seed=seed)
+
+
+@app.command()
+def doctor(
+    device: DeviceOpt = "auto",
+    benchmark: Annotated[
+        bool, typer.Option("--benchmark/--no-benchmark",
+                           help="Time one U-Net training step in fp32 and bf16 (a few seconds).")
+    ] = True,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", dir_okay=False, help="Also write the report here.")
+    ] = None,
+) -> None:
+    """Show versions, device, CPU kind, threads, the precision `auto` picks and why, and the
+    measured fp32/bf16 speed ratio on this machine."""
+    import json
+
+    from emsynth.engine.doctor import doctor_report
+    from emsynth.io import atomic_write_text
+
+    report = doctor_report(device, benchmark=benchmark)
+    console = Console()
+    versions = report["versions"]
+    lines = [
+        ("emsynth", versions.get("emsynth")),
+        ("torch / MONAI", f"{versions.get('torch')} / {versions.get('monai')}"),
+        ("python", f"{versions.get('python')} on {report['platform']}"),
+        ("device", report["device"] + (f" ({report['gpu']})" if report["gpu"] else "")),
+        ("CPU", report["cpu"]),
+        ("CPU capability", (f"{report['cpu_capability']}, "
+         f"{'native' if report['cpu_bf16_native'] else 'no native'} bf16 (oneDNN)")),
+        ("threads", (f"{report['threads']} (cores this process may use: "
+         f"{report['usable_cores']})")),
+        ("precision auto", f"{report['auto_precision']}: {report['auto_reason']}"),
+    ]
+    if benchmark:
+        lines.append(("U-Net step", (f"fp32 {report['unet_fp32_img_s']:.1f} img/s, bf16 "
+                      f"{report['unet_bf16_img_s']:.1f} img/s: bf16 is "
+                      f"{report['bf16_speedup']:.2f}x fp32 (batch 1 of 128 px, U-Net 16-128)")))
+    width = max(len(name) for name, _ in lines)
+    for name, value in lines:
+        console.print(f"{name:<{width}}  {value}", highlight=False, soft_wrap=True)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(report, indent=2) + "\n")
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from emsynth.options import LayoutOpt
+
 app = typer.Typer(help="Inspect, show, generate (phantom) and fetch EM datasets.", no_args_is_help=True)
 
 
@@ -59,7 +61,6 @@ def fetch(
 # --- info and show: read any layout, report and draw it ---------------------------------------
 
 _PATH_HELP = "Dataset folder (drosophila_vnc, images/ + masks/, ...) or a multipage TIFF."
-_LAYOUT_HELP = "auto, vnc, epfl-tiff, slices, isbi or generic (auto detects it)."
 _MASK_DIR_HELP = "Read this mask folder beside images/ (e.g. masks_epfl) as label --label."
 _LABEL_HELP = "Label name of --mask-dir: mito, membrane or synapse."
 _POLARITY_HELP = (
@@ -93,7 +94,7 @@ def _read_with_notes(path, layout, mask_dir, label, polarity, indices=None):
 @app.command("info")
 def info(
     path: Annotated[str, typer.Argument(help=_PATH_HELP)],
-    layout: Annotated[str, typer.Option("--layout", help=_LAYOUT_HELP)] = "auto",
+    layout: LayoutOpt = "auto",
     mask_dir: Annotated[str | None, typer.Option("--mask-dir", help=_MASK_DIR_HELP)] = None,
     label: Annotated[str, typer.Option("--label", help=_LABEL_HELP)] = "mito",
     polarity: Annotated[str, typer.Option("--polarity", help=_POLARITY_HELP)] = "auto",
@@ -149,7 +150,7 @@ def show(
     title: Annotated[
         str | None, typer.Option("--title", help="Figure title (default: the path).")
     ] = None,
-    layout: Annotated[str, typer.Option("--layout", help=_LAYOUT_HELP)] = "auto",
+    layout: LayoutOpt = "auto",
     mask_dir: Annotated[str | None, typer.Option("--mask-dir", help=_MASK_DIR_HELP)] = None,
     label: Annotated[str, typer.Option("--label", help=_LABEL_HELP)] = "mito",
     polarity: Annotated[str, typer.Option("--polarity", help=_POLARITY_HELP)] = "auto",

@@ -14,6 +14,7 @@ import fnmatch
 import functools
 import hashlib
 import http.client
+import json
 import os
 import time
 import urllib.error
@@ -21,6 +22,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import BinaryIO
 
@@ -47,90 +49,8 @@ CHUNK_BYTES = 1 << 16
 TIMEOUT_S = 60.0
 RETRY_BACKOFF_S = 1.0  # doubled after each dropped connection, at most 10 s
 
-# SHA-256 of the drosophila-vnc stack1 files: the same bytes as the public copy at
-# github.com/unidesigner/groundtruth-drosophila-vnc (taken from the project's verified copy).
-_VNC_SHA256SUMS = """\
-69b32be7703e1d857ed6286cb10d14324ffd75e26a80c9b5be86fdde8ce869dd  membranes/00.png
-237c0c6c58f0b213d5319415b4a794e3703ffeff70b4af77c023f2c7e566359f  membranes/01.png
-d7a5e1351d99d250bda5765b5573b2b66aa3bad39d518a62173301b532e1b1a3  membranes/02.png
-48b145fb2dc5e5c01a44ab97c8deb0371ad549d8abba36e9e26bec5c0c3d935b  membranes/03.png
-fabd6ed75c1ab1129d25b82d7b05b6e3e47ecd4fded5e8c50bebc79e52d338a2  membranes/04.png
-cf2a0cf4d359511eec00465c79320081202e1a9e0ef7acf646ac868ef01f864e  membranes/05.png
-f7671946c367eb6da32eeb8dc3650736fc3a5bc598e03867195b28d5ba04e169  membranes/06.png
-12651668648abda93acfc7b1d9163f42de0db24dfaf0081cb2bc145c303b8859  membranes/07.png
-0917cdaa7e0b657d6e4897bb0268d8a1019bad56d55488559c6b7476a81fc660  membranes/08.png
-1719691ffd18184091d32d993547e90787fea106a4d13049458f318c01369177  membranes/09.png
-abefd5269b3e432d043015e9e635e37cd210f63e036a115f325c38f29f70e7d3  membranes/10.png
-ab3751ea05eecd5dfb0d8a538807fcdd384bf7b657be1ade9cfc1fbb0567a5d3  membranes/11.png
-de74415ed1d0a0c1f3f7e4321674fddde55afaf112abf56b16d4289f4516cb42  membranes/12.png
-404138498926cfb45c756d4c693cb9e6b088afbd0237f48422253c9a89608458  membranes/13.png
-22534cbddc8ab0c0ddbc88803a20c4982804d6e931af83ce92bce28e20edecb0  membranes/14.png
-4ab2d40bc25422d835952807270c03cacae3ac698f8b9785437cc97f4f89aef3  membranes/15.png
-0a4565fb902354aa98e03eb8c4ccdae5784fbf8aa82cc1e84dad15226853cca3  membranes/16.png
-4b70f3bef110f6276fc8de6da43d4b7726e00d068ffa5b70107d08748adb07f8  membranes/17.png
-1561c68934295328aab90477e5067bb033ec5ffd0c4a854e90facdabf5baf448  membranes/18.png
-c13f72d5c4734750312469bd45f6a1c3191143faec96903623f9c725713a922a  membranes/19.png
-511bbbe9ce687a0422728fcc5921f5e5cb553aa9601518bf193325df19a0841f  mitochondria/00.png
-2e8a00b9d45eb0731cea31d0bdb3f001591c3a7bd4c29566437a65add85dfa90  mitochondria/01.png
-73d3fefd0be7846ff27debbae41c52630913aa79233151b19f7cb6b4cf69e48f  mitochondria/02.png
-e0377cb8e617ff8dda0dfcc920eb4d513d7809bfd7ccc13f059c651afe224f93  mitochondria/03.png
-766dba641e9f15443e154b1c58f12e1a63aa526102329b42f2934430e0195919  mitochondria/04.png
-3afce96c2e5586153f3f3f94916688ee049c1dea8af42d5b66f72a19612be91d  mitochondria/05.png
-b9522d90da07f087418af695ab557cc5691548edcff8ca71143a6a0dd1694230  mitochondria/06.png
-475b66b3a96970d17f2e8bfe466a61232582640fb91e62ba1643250451ce701b  mitochondria/07.png
-7327b9c3627d6a57afecd95884b51160ae42823240e8a71c29d3d4c7c47f63e2  mitochondria/08.png
-d276b2913dbf0505e59a01e4c7616a8ab66c2fd87431af5fa32800990f02c377  mitochondria/09.png
-ad41c7ce9e4b44dacb509c861ab263f783fdd4624518dbdc5731a5dea171b973  mitochondria/10.png
-c02adc9a9a9df771d7e798ad01f1048b46d404cbea9c5e7705d26b80a8edf180  mitochondria/11.png
-66f7035ea748ebb96a73ce1b710fe129b2332b31106cb94615627e93c50e747f  mitochondria/12.png
-0bc359db0dc5ddc31e735136695ea88015bdeb37ddfc3e6e89f604918e4765c5  mitochondria/13.png
-44c833e85d8240e3e8bbc34d9fba07d29be9d9cdd71c18b12a4c70e597502c72  mitochondria/14.png
-6823e4900e1457c7249b87876298f3cba5339d1a8e34c83f5a2766d024f7b54a  mitochondria/15.png
-5ffe5edaa15ad53dee648736aeffc76fd1e256e13b40b7b34cb65e3a38fdaeef  mitochondria/16.png
-b812bb16171af4ea1bfde98401f0a7de6a4481cc475d9856affc2fbe7aad4e73  mitochondria/17.png
-d0eddd9355e95cb3aa0c438f831fcd8e884627e96beac4ae723d2e9c68f41176  mitochondria/18.png
-92d28e2c28b9068c3efae4e26dd9a31b64efb8082813097d097a4b3f9ad2001f  mitochondria/19.png
-b76df299a184d9a8616aa7867a1b0f577313e97cc9fef826a0f76f65f9676383  raw/00.tif
-718808c0149d6e24ee7b12085695c1ff8e3afb8e5dd13e18ca291fc9b60fcd09  raw/01.tif
-0e2480e0164bcbc2704d76232919f5fcc0540988c6f91a8a78b8f514718717a4  raw/02.tif
-1d6ca42fad097c8647b5e077ade1e7cb124d09aa11ef51b22c74367a44b04af6  raw/03.tif
-6be1ca5151edf4ffbe79745ce3a1cad784a83fc5843120820ba4133474c41bab  raw/04.tif
-5c208cd81d2bebe969e07f5c6717514e8c5c2e9967bac3685ddb71add9142b94  raw/05.tif
-db5ad4774950f7b0656853328bd8ef1e43f7b0790bf417c760a0cf1a1ac9999e  raw/06.tif
-5a0611902a45f3bf368ffc3312c74b0f2a8f923bba6f73d9041c727d3060bfbf  raw/07.tif
-9cff4e390c3604152a2b7a70d99e96edc45d1e50b48ae64b042ed2220fbdfbb9  raw/08.tif
-eeb17b2971d467a96525d879037d69d5973c998f5e4bcafe6d9adec08b4457a5  raw/09.tif
-6a9debebb6e78e0789b732d16ef4755011b5047299f9f1c22edb28a06c106a16  raw/10.tif
-318f17e45754e890ab7df384a1f3941bebeea4864fe4b49a34758a858de56bbe  raw/11.tif
-6e1a8b23083641cb4a066d281ff4c5149056a0f17b32e68d04c57948ef6f5547  raw/12.tif
-564970a899a67aab0ad899d22d19c43b68f6eeb01d893f5770ebc114cb4bd12c  raw/13.tif
-7a3bfd5951dbe637c764e51835a3d59c63de33b2dbcc9b0d70a0302a30dde904  raw/14.tif
-80ab55b19d877d791f2e008343ea1eb2315bd9dfe53bec141ea99c05a66b20c0  raw/15.tif
-ea86c994d2b9a2fe0764fcdbafd8b1fa21c091cb8ebac333e3c64ed6aa645647  raw/16.tif
-5cb536a565b57e6ccd47ef619d1f4e7cd4eae8d11eb5a1c7ea8bf6ac50d51eca  raw/17.tif
-bbe3f7b85d499899e7dec31ec9be1f75cd82fad710dc8a68bd24531fecf3e584  raw/18.tif
-a9c2710133d4791cad456db91fdf03d2cf44f3c517514f55efda596f4a4cd642  raw/19.tif
-53ed0b7d4e149caa8ede4bfa652389fbbccf3c6c0d238d8bf09cea9d2e8a6221  synapses/00.png
-961c7b37dd7abc80e43b916683b5ca72ecd2646e5966d737051134f730b622bf  synapses/01.png
-5615a9b85646fd6af4925ec10f234a2185df0ce44d3aed4a88a867a0b0ee2792  synapses/02.png
-8fff021eb41ab2a1f360e5ca635fd1000392fccfbd31923ce0201140d58948d5  synapses/03.png
-05b4419acd1d06db7f689914fefaaa5778bde355fba94b77cd4fb62c84599aa6  synapses/04.png
-8ab560b613eac7927fb4fd685ee257ca8f030d2d3e82422557e8ee0e5daf2859  synapses/05.png
-866a9ad726f90602a36fc79249240bbd9610b872a351413b09bec771d86229f0  synapses/06.png
-43021b322c5e04eea79edbea94c329a7ca3fb413da445c827f63e1969464ca2c  synapses/07.png
-8c7096612c2b40d709ea3163da12fecc4208affcc5b55b9a2160d46b6215187d  synapses/08.png
-12794fe7af38c1c2c5fd53905210de69b9f2ce8e366cbab2db7991bd608b046c  synapses/09.png
-2ea9bf4a80b348c4ddfdf3d2a3b42118c31ef6a8daed0de46d0087d7e4004dea  synapses/10.png
-fd84efadd225f58b650ab8514dc074dc015f1a00da4441f36ad5a955a1816452  synapses/11.png
-5f847f545de6aa60e3c82ec71f2de092647481b530858ed568305b12a08c2dc5  synapses/12.png
-2a7bff90297c753dd6374eb8b318b36eeabb8c83acde48a924914ba768e8118a  synapses/13.png
-8ed0fb8c57339372e4d62614561804c752a0f0fee9a45ac085bf052671366435  synapses/14.png
-d858cf9906a68e7d4fe8214147c0608f2f175e17a556e97548eecc6e6e044549  synapses/15.png
-cc4c36c1130a59f491aab3f3a5c8d7b46553d9bbe79022cc0ea1e540f44f4466  synapses/16.png
-7a9126cb7a977c246bbe310cccbad78f089290701eb55c08ae1844afbd6e7c72  synapses/17.png
-5ef199271f5c3da60da71aca1476c4820ec5af4d90e4afe174e0bfe40621091a  synapses/18.png
-4efd22ff114cb74b005d82b0482f18da0ab6927c30ee29f2fec27ffc94fa34b0  synapses/19.png
-"""
+#: Package data: SHA-256 per dataset and relative path (see its "_comment" for provenance).
+CHECKSUMS_FILE = "checksums.json"
 
 
 class CheckFailed(Exception):
@@ -220,15 +140,13 @@ class Dataset:
     finish: Callable[[Path, Console], None] | None = None  # turns the files into that layout
 
 
-def _parse_sums(text: str) -> dict[str, str]:
-    sums = {}
-    for line in text.strip().splitlines():
-        digest, relpath = line.split()
-        sums[relpath] = digest
-    return sums
+def load_checksums(dataset: str) -> dict[str, str]:
+    """{relative path: SHA-256} of `dataset` from the package's checksums.json."""
+    table = json.loads(resources.files("emsynth.data").joinpath(CHECKSUMS_FILE).read_text())
+    return dict(table[dataset])
 
 
-VNC_SHA256 = _parse_sums(_VNC_SHA256SUMS)
+VNC_SHA256 = load_checksums("drosophila-vnc")
 
 EPFL_VOLUME = StructureCheck(pages=165, height=768, width=1024)
 EPFL_TRUTH = StructureCheck(pages=165, height=768, width=1024, values=(0, 255))

@@ -14,6 +14,7 @@ import re
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,51 @@ VNC_LABEL_DIRS = {"mitochondria": MITO, "membranes": MEMBRANE, "synapses": SYNAP
 SLICE_LABEL_DIRS = {"masks": MITO, "membranes": MEMBRANE, "synapses": SYNAPSE}
 EPFL_STEMS = ("training", "testing")
 GT_SUFFIX = "_groundtruth"
+
+
+
+@dataclass(frozen=True)
+class SliceLayout:
+    """A slice-folder layout: an image folder plus label folders, paired by file stem.
+
+    label_dirs maps folder (relative to the dataset, or absolute) to label name; folders that
+    are absent are skipped unless listed in `required`. foreground_black: the layout's mask
+    convention (ISBI: 0 = membrane), used when the polarity is "auto".
+    """
+
+    name: str
+    image_dir: str
+    label_dirs: dict[str, str]
+    pixel_size_nm: float | None = None
+    required: tuple[str, ...] = ()
+    foreground_black: bool = False
+
+    @property
+    def pixel_size(self) -> tuple[float, float] | None:
+        return None if self.pixel_size_nm is None else (self.pixel_size_nm, self.pixel_size_nm)
+
+
+#: The fixed slice-folder layouts ("generic" is built per call from --mask-dir).
+SLICE_LAYOUTS: dict[str, SliceLayout] = {
+    "vnc": SliceLayout("vnc", "raw", VNC_LABEL_DIRS, PIXEL_SIZE_NM["vnc"]),
+    "isbi": SliceLayout("isbi", "images", {"masks": MEMBRANE}, PIXEL_SIZE_NM["isbi"],
+                        required=("masks",), foreground_black=True),
+    "slices": SliceLayout("slices", "images", SLICE_LABEL_DIRS),
+}
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How one `read_volume` call reads masks and which slices it reads.
+
+    foreground_black: masks have black foreground; polarity_given: the user stated the
+    polarity (skip the inverted-mask check); indices: only these slices (natural order).
+    """
+
+    foreground_black: bool = False
+    polarity_given: bool = False
+    indices: Sequence[int] | None = None
+
 
 LAYOUT_HELP = (
     "expected one of: raw/ + membranes|mitochondria|synapses/ (vnc), training.tif + "
@@ -264,20 +310,10 @@ def _meta_pixel_size(meta: dict, meta_path: Path) -> tuple[float, float] | None:
     )
 
 
-def _read_slice_layout(
-    path: Path,
-    image_dir: str,
-    label_dirs: dict[str, str],
-    black: bool,
-    polarity_given: bool,
-    indices: Sequence[int] | None,
-    pixel_size: tuple[float, float] | None,
-    layout: str,
-    required_labels: Sequence[str] = (),
-) -> Volume:
+def _read_slice_layout(path: Path, layout: SliceLayout, options: ReadOptions) -> Volume:
     """images/ (or raw/) plus label folders paired by stem; label folders that are absent are
-    skipped unless listed in required_labels."""
-    image_folder = path / image_dir
+    skipped unless listed in layout.required."""
+    image_folder = path / layout.image_dir
     images = list_slices(image_folder, "image")
     meta = _read_meta(path)  # checked before the slow part so that its errors come first
     if meta.get("complete") is False:  # emsynth's writer sets it True after the last slice
@@ -286,7 +322,7 @@ def _read_slice_layout(
             "this slice folder was not completely written (the write was interrupted)",
             "rerun the command that wrote it",
         )
-    pixel_size = _meta_pixel_size(meta, path / "meta.json") or pixel_size
+    pixel_size = _meta_pixel_size(meta, path / "meta.json") or layout.pixel_size
     names = {stem: stem for stem in images}
     if isinstance(meta.get("slice_names"), list):
         if len(meta["slice_names"]) != len(images):
@@ -298,23 +334,24 @@ def _read_slice_layout(
             )
         names = {stem: str(name) for stem, name in zip(images, meta["slice_names"])}
     present = {}
-    for dir_name, label in label_dirs.items():
+    for dir_name, label in layout.label_dirs.items():
         folder = Path(dir_name) if Path(dir_name).is_absolute() else path / dir_name
-        if folder.is_dir() or dir_name in required_labels:
+        if folder.is_dir() or dir_name in layout.required:
             present[label] = (folder, list_slices(folder, f"{label} mask"))
     for folder, masks in present.values():
         _check_pairs(images, masks, folder)
-    stems = _select(list(images), indices, image_folder)
+    stems = _select(list(images), options.indices, image_folder)
     image_files = [images[s] for s in stems]
     image = _read_images(image_files, image_folder)
     labels = {}
     for label, (folder, masks) in present.items():
         files = [masks[s] for s in stems]
-        labels[label] = _read_masks(files, image_files, folder, image.shape, black)
-        check_label_plausibility(label, labels[label], files, folder, polarity_given)
-    source = f"{path} ({layout})"
-    if layout == "generic":
-        (mask_folder, label), = label_dirs.items()
+        labels[label] = _read_masks(files, image_files, folder, image.shape,
+                                    options.foreground_black)
+        check_label_plausibility(label, labels[label], files, folder, options.polarity_given)
+    source = f"{path} ({layout.name})"
+    if layout.name == "generic":
+        (mask_folder, label), = layout.label_dirs.items()
         source = f"{path} (generic: {Path(mask_folder).name} as {label})"
     if meta.get("source"):
         source += f" from {meta['source']}"
@@ -385,12 +422,10 @@ def _read_tiff_pages(
         ) from None
 
 
-def _read_epfl_tiff(
-    path: Path, black: bool, polarity_given: bool, indices: Sequence[int] | None
-) -> Volume:
+def _read_epfl_tiff(path: Path, options: ReadOptions) -> Volume:
     image_path, gt_path = _epfl_pair(path)
     notes = _Notes()
-    n_pages, pages = _read_tiff_pages(image_path, indices)
+    n_pages, pages = _read_tiff_pages(image_path, options.indices)
     slices, names = [], []
     for i, raw in pages:
         where = f"{image_path} page {i}"
@@ -417,9 +452,9 @@ def _read_epfl_tiff(
         )
     else:
         masks, files = [], []
-        for i, raw in _read_tiff_pages(gt_path, indices, n_pages)[1]:
+        for i, raw in _read_tiff_pages(gt_path, options.indices, n_pages)[1]:
             where = f"{gt_path} page {i}"
-            mask, note = to_bool_mask(raw, where, foreground_black=black)
+            mask, note = to_bool_mask(raw, where, foreground_black=options.foreground_black)
             notes.add(note, where)
             if mask.shape != image.shape[1:]:
                 raise input_error(
@@ -432,7 +467,7 @@ def _read_epfl_tiff(
             files.append(where)
         notes.flush(gt_path)
         labels[MITO] = np.stack(masks)
-        check_label_plausibility(MITO, labels[MITO], files, gt_path, polarity_given)
+        check_label_plausibility(MITO, labels[MITO], files, gt_path, options.polarity_given)
     pixel = PIXEL_SIZE_NM["epfl-tiff"]
     return Volume(image, labels, (pixel, pixel), f"{image_path} (epfl-tiff)", names)
 
@@ -543,33 +578,29 @@ def read_volume(
     layout = resolve_layout(path, layout, mask_dir)
     if layout != "epfl-tiff" and not path.is_dir():
         raise input_error(path, f"layout {layout!r} needs a folder", "pass the dataset folder")
-    given = polarity != "auto"
-    black = polarity == "foreground-black" or (polarity == "auto" and layout == "isbi")
+    spec = SLICE_LAYOUTS.get(layout)
+    default_black = spec is not None and spec.foreground_black
+    options = ReadOptions(
+        foreground_black=polarity == "foreground-black" or (polarity == "auto" and default_black),
+        polarity_given=polarity != "auto",
+        indices=indices,
+    )
     if layout == "epfl-tiff":
-        return _read_epfl_tiff(path, black, given, indices)
-    if layout == "vnc":
-        pixel = (PIXEL_SIZE_NM["vnc"],) * 2
-        return _read_slice_layout(path, "raw", VNC_LABEL_DIRS, black, given, indices, pixel, layout)
-    if layout == "isbi":
-        pixel = (PIXEL_SIZE_NM["isbi"],) * 2
-        return _read_slice_layout(
-            path, "images", {"masks": MEMBRANE}, black, given, indices, pixel, layout, ["masks"]
-        )
+        return _read_epfl_tiff(path, options)
     if layout == "generic":
         mask_folder = Path(mask_dir) if Path(mask_dir).is_absolute() else path / mask_dir
         if not mask_folder.is_dir():
-            options = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name != "images")
+            found = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name != "images")
             raise input_error(
                 mask_folder,
                 "mask folder does not exist",
                 f"pass --mask-dir as a folder inside {path} "
-                f"(found: {', '.join(options) or 'none'})",
+                f"(found: {', '.join(found) or 'none'})",
             )
-        return _read_slice_layout(
-            path, "images", {str(mask_folder): label}, black, given, indices, None, layout,
-            [str(mask_folder)],
-        )
-    if not (path / "masks").is_dir():
+        generic = SliceLayout("generic", "images", {str(mask_folder): label},
+                              required=(str(mask_folder),))
+        return _read_slice_layout(path, generic, options)
+    if layout == "slices" and not (path / "masks").is_dir():
         folders = sorted(
             p.name for p in path.iterdir()
             if p.is_dir() and p.name not in ("images", *SLICE_LABEL_DIRS)
@@ -581,7 +612,7 @@ def read_volume(
                 InputWarning,
                 stacklevel=2,
             )
-    return _read_slice_layout(path, "images", SLICE_LABEL_DIRS, black, given, indices, None, layout)
+    return _read_slice_layout(path, SLICE_LAYOUTS[layout], options)
 
 
 def volume_stats(volume: Volume) -> dict:

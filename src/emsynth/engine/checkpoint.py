@@ -184,12 +184,19 @@ def save_weights(
 
 
 def load_weights(
-    path: str | Path, modules: Mapping[str, nn.Module] | None = None, device: str = "cpu"
+    path: str | Path,
+    modules: Mapping[str, nn.Module] | None = None,
+    device: str = "cpu",
+    plain_module: str | None = None,
+    fix: str = "build the model with the config stored in the file's metadata",
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Read a file written by `save_weights`: ({module: state_dict}, metadata).
 
     When `modules` is given, their weights are loaded in place (strictly: names and shapes
-    must match, else an EmsynthError naming the file)."""
+    must match, else a one-line EmsynthError naming the file and `fix`).
+    `plain_module`: a safetensors file without emsynth's module list (a segmenter exported
+    before there was one weights format: plain parameter names, string metadata) is read as
+    the weights of this one module, its header as the metadata."""
     path = Path(path)
     if not path.is_file():
         raise input_error(path, "weights file not found", "pass a .safetensors file written by emsynth")
@@ -203,11 +210,15 @@ def load_weights(
             path, f"not a readable safetensors file ({str(err).splitlines()[0][:160]})",
             "pass a .safetensors file written by emsynth",
         ) from None
-    if "emsynth_modules" not in header:
+    if "emsynth_modules" in header:
+        names = json.loads(header["emsynth_modules"])
+        metadata = json.loads(header.get("emsynth_metadata", "{}"))
+    elif plain_module is not None:
+        names, metadata = [plain_module], dict(header)
+        flat = {f"{plain_module}.{key}": tensor for key, tensor in flat.items()}
+    else:
         raise input_error(path, "not an emsynth weights file (no module list in its header)",
                           "export weights with emsynth")
-    names = json.loads(header["emsynth_modules"])
-    metadata = json.loads(header.get("emsynth_metadata", "{}"))
     state_dicts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
     # Longest names first, so that a module "g" never claims the tensors of a module "g.ema".
     for key, tensor in flat.items():
@@ -221,8 +232,7 @@ def load_weights(
             unwrap(module).load_state_dict(state_dicts[name])
         except RuntimeError as err:
             raise input_error(
-                path, f"weights do not fit module {name!r} ({_first_mismatch(err)})",
-                "build the model with the config stored in the file's metadata",
+                path, f"weights do not fit module {name!r} ({_first_mismatch(err)})", fix,
             ) from None
     return state_dicts, metadata
 

@@ -105,7 +105,8 @@ def _option_parameters(default_config: str | None, default_run_dir: str | None) 
         option("deterministic", bool | None, None, "--deterministic/--no-deterministic",
                help="Bitwise repeatable training (slower)."),
         option("device", str | None, None, "--device", help="auto, cpu or cuda."),
-        option("precision", str | None, None, "--precision", help="auto, bf16 or fp32."),
+        option("precision", str | None, None, "--precision",
+               help="auto (bf16 only where the hardware has it native), bf16 or fp32."),
     ]
 
 

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 import emsynth
+from emsynth.engine.device import cpu_capability, cpu_kind
 from emsynth.io import atomic_write_text
 
 RUN_JSON = "run.json"
@@ -68,6 +69,8 @@ def host_info(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_kind(),
+        "cpu_capability": cpu_capability(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -8,6 +8,7 @@ parts: how to build its networks and optimisers, how to draw a batch, what one s
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from emsynth.engine.config import EngineConfig
+from emsynth.engine.device import autocast_factory, resolve_device, resolve_precision
+from emsynth.engine.distributed import Distributed, launched_by_torchrun, wrap_module
 
 
 @dataclass
@@ -41,6 +46,39 @@ class StepContext:
     def is_main(self) -> bool:
         """Only the main process (rank 0) writes files."""
         return self.rank == 0
+
+
+def step_context(cfg: EngineConfig, distributed: Distributed | None = None) -> StepContext:
+    """The context for running a task under `cfg` on this process.
+
+    With `distributed` (the process group the engine joined), what `train` hands the task:
+    `wrap` applies DistributedDataParallel. Without it, a context for work after `train` has
+    returned (final evaluation, export): the same device and precision as training, rank and
+    world size from the torchrun environment, and `wrap` returns modules as they are.
+    """
+    after_training = distributed is None
+    if distributed is None:
+        torchrun = launched_by_torchrun()
+        rank = int(os.environ["RANK"]) if torchrun else 0
+        world_size = int(os.environ["WORLD_SIZE"]) if torchrun else 1
+        distributed = Distributed(rank, world_size, int(os.environ.get("LOCAL_RANK", rank)))
+    dist = distributed
+    device = resolve_device(cfg.device, dist.local_rank)
+    precision = resolve_precision(cfg.precision, device)
+
+    def wrap(module: nn.Module, **options: Any) -> nn.Module:
+        if after_training:  # the process group is gone: nothing to average
+            return module
+        return wrap_module(module, distributed=dist, device=device, **options)
+
+    return StepContext(
+        device=device,
+        autocast=autocast_factory(device, precision),
+        wrap=wrap,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        precision=precision,
+    )
 
 
 class Task(ABC):
@@ -81,11 +119,11 @@ class Task(ABC):
         modes saved and restored around it; use `emsynth.engine.unwrap(module)` to skip DDP."""
         return {}
 
-    def log_images(self, step: int, writer: Any, out_dir: Any) -> None:
+    def log_images(self, step: int, writer: Any, out_dir: Any, ctx: StepContext) -> None:
         """Write image grids (TensorBoard `writer`, PNGs in `out_dir`); nothing by default.
 
         Rank 0 only (call `unwrap(module)`: a DDP forward on one rank alone can hang), isolated
-        like `validate`."""
+        like `validate`; `ctx` is the training step's context (device, autocast)."""
 
     def extra_state(self) -> dict[str, Any]:
         """Task state beyond modules/optimisers/schedulers to checkpoint (tensors, numbers)."""

@@ -34,51 +34,30 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from emsynth.engine import checkpoint as ckpt
 from emsynth.engine import runinfo
 from emsynth.engine.config import EngineConfig
+from emsynth.engine.device import (
+    autocast_factory,
+    choose_precision,
+    cpu_capability,
+    cpu_kind,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    thread_count,
+)
 from emsynth.engine.distributed import Distributed, init_distributed, wrap_module
 from emsynth.engine.metrics import METRICS_CSV, TENSORBOARD_DIR, MetricsLog
+from emsynth.engine.progress import format_duration
 from emsynth.engine.task import StepContext, Task
 from emsynth.errors import EmsynthError
 
 IMAGES_DIR = "images"
 
 
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise EmsynthError(
-                "engine.device=cuda but PyTorch sees no CUDA GPU. Fix: use --device cpu (or auto), "
-                "or install the CUDA build of torch"
-            )
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto -> bf16 on CPU and on GPUs with bf16 support (fp32 range, so no loss scaling is
-    needed); fp32 on older GPUs."""
-    if requested != "auto":
-        return requested
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "fp32"
-    return "bf16"
-
-
-def autocast_factory(device: torch.device, precision: str):
-    if precision == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 @contextlib.contextmanager
 def _torch_global_settings(cfg: EngineConfig) -> Iterator[None]:
-    """Apply thread count and determinism for the run; put the previous settings back after,
-    so that training inside a longer-lived process (tests, notebooks) leaves no trace."""
+    """Apply thread count (default: every core this process may use) and determinism for the
+    run; put the previous settings back after, so that training inside a longer-lived process
+    (tests, notebooks) leaves no trace."""
     before = (
         torch.get_num_threads(),
         torch.are_deterministic_algorithms_enabled(),
@@ -86,8 +65,7 @@ def _torch_global_settings(cfg: EngineConfig) -> Iterator[None]:
         torch.backends.cudnn.benchmark,
         torch.backends.cudnn.deterministic,
     )
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
+    torch.set_num_threads(thread_count(cfg.num_threads))
     if cfg.deterministic:
         # cuBLAS needs this before its first use to be deterministic.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -158,14 +136,6 @@ def _isolated(task: Task, device: torch.device) -> Iterator[None]:
 
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
-
-
-def _format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--:--"
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def _check_task(task: Task) -> None:
@@ -334,7 +304,7 @@ class _Run:
     def log_images(self, log: MetricsLog) -> None:
         if self.is_main:
             with _isolated(self.task, self.device):
-                self.task.log_images(self.step, log.writer, self.run_dir / IMAGES_DIR)
+                self.task.log_images(self.step, log.writer, self.run_dir / IMAGES_DIR, self.ctx)
 
     def loop(self, log: MetricsLog, stop: _StopRequest) -> str:
         cfg, task = self.cfg, self.task
@@ -419,7 +389,7 @@ class _Run:
         eta = (cfg.steps - self.step) / rate if rate > 0 else math.inf
         if cfg.max_time is not None:
             eta = min(eta, max(cfg.max_time - elapsed, 0.0))
-        return f"{shown}  {speed}  ETA {_format_duration(eta)}"
+        return f"{shown}  {speed}  ETA {format_duration(eta)}"
 
     def _progress(self) -> Progress:
         console = Console(stderr=True)
@@ -466,6 +436,8 @@ def _start_record(run: _Run, started_at: str, resumed_from: Path | None) -> dict
         "engine_config": engine_config,
         "task_config": run.task_config,
         "resolved": {"device": str(run.device), "precision": run.precision,
+                     "precision_reason": choose_precision(run.cfg.precision, run.device).reason,
+                     "cpu_capability": cpu_capability(), "cpu_kind": cpu_kind(),
                      "num_threads": torch.get_num_threads(), "world_size": run.dist.world_size},
         "versions": runinfo.versions(),
         "git": runinfo.git_state(),

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from emsynth.engine.cli import TrainOptions, train_options
 from emsynth.errors import EmsynthError
+from emsynth.options import DeviceOpt, LayoutOpt, PrecisionOpt
 
 app = typer.Typer(
     help="Conditional GAN (pix2pix): train masks -> EM images, synthesise whole slices.",
@@ -20,10 +21,6 @@ app = typer.Typer(
 )
 out = Console()
 
-LayoutOpt = Annotated[
-    str,
-    typer.Option("--layout", help="Dataset layout: auto, vnc, epfl-tiff, slices, isbi, generic."),
-]
 
 
 @app.command("train")
@@ -92,8 +89,8 @@ def synthesize_cmd(
                            help="Keep dropout on as pix2pix does at test time (its noise source).")
     ] = True,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the dropout noise.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="auto, bf16 or fp32.")] = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Synthesise one EM image per mask slice and write them with the masks as a slice folder.
 
@@ -102,16 +99,13 @@ def synthesize_cmd(
     fitted to a real mask set (--fit-to). The output is ready for segmentation training.
     """
     from emsynth.data.readers import read_volume
+    from emsynth.data.slices import parse_slices
     from emsynth.data.writers import write_slice_folder
-    from emsynth.engine.trainer import resolve_device
-    from emsynth.segment.sampling import parse_slices
-    from emsynth.synthesis.inference import load_generator, synthesize_volume
+    from emsynth.engine.device import resolve_device
+    from emsynth.gan.export import load_generator
+    from emsynth.synthesis.inference import synthesize_volume
     from emsynth.synthesis.masks import phantom_masks
 
-    if precision not in ("auto", "bf16", "fp32"):
-        raise EmsynthError(f"--precision {precision!r} is unknown. Fix: use auto, bf16 or fp32")
-    if device not in ("auto", "cpu", "cuda"):
-        raise EmsynthError(f"--device {device!r} is unknown. Fix: use auto, cpu or cuda")
     if (masks is None) == (phantom is None):
         raise EmsynthError("give exactly one mask source. Fix: pass --masks DATASET or "
                            "--phantom vnc")
@@ -160,8 +154,8 @@ def evaluate_cmd(
                            "pix2pix does at test time.")
     ] = True,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of dropout and crops.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="bf16 or fp32.")] = "fp32",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Score the generator's images against the real ones of the same masks, offline.
 
@@ -175,15 +169,11 @@ def evaluate_cmd(
     from rich.table import Table
 
     from emsynth.data.readers import read_volume
-    from emsynth.engine.trainer import resolve_device
+    from emsynth.data.slices import parse_slices
+    from emsynth.engine.device import resolve_device
     from emsynth.gan.quality import PSNR_CAP_DB, evaluate_generator, load_segmenter
     from emsynth.io import atomic_write_text
-    from emsynth.segment.sampling import parse_slices
 
-    if precision not in ("bf16", "fp32"):
-        raise EmsynthError(f"--precision {precision!r} is unknown. Fix: use bf16 or fp32")
-    if device not in ("auto", "cpu", "cuda"):
-        raise EmsynthError(f"--device {device!r} is unknown. Fix: use auto, cpu or cuda")
     load_segmenter(segmenter)  # fail on a wrong path before reading data or synthesising
     volume = read_volume(data, layout)
     if slices is not None:
@@ -237,7 +227,7 @@ def figure_cmd(
         bool, typer.Option("--dropout/--no-dropout", help="Dropout on at synthesis.")
     ] = True,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the dropout noise.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOpt = "auto",
     title: Annotated[str, typer.Option("--title", help="Figure title.")] = "",
 ) -> None:
     """Masks | real | synthetic side by side on the same slices (the study's Figures 4-5).
@@ -247,10 +237,11 @@ def figure_cmd(
     """
     from emsynth.data.figures import default_slices
     from emsynth.data.readers import read_volume
-    from emsynth.engine.trainer import resolve_device
+    from emsynth.data.slices import parse_slices
+    from emsynth.engine.device import resolve_device
+    from emsynth.gan.export import load_generator
     from emsynth.gan.figures import comparison_figure
-    from emsynth.segment.sampling import parse_slices
-    from emsynth.synthesis.inference import load_generator, synthesize_volume
+    from emsynth.synthesis.inference import synthesize_volume
 
     if out_path.suffix.lower() != ".png":
         raise EmsynthError(f"{out_path}: the figure is written as PNG. Fix: end --out in .png")

@@ -19,6 +19,9 @@ intermediate feature map, which feature matching needs.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import PatchDiscriminator
@@ -195,6 +198,33 @@ class MultiScaleDiscriminator(nn.Module):
                 x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
             feats.append(disc(x))
         return feats
+
+
+Features = list[list[torch.Tensor]]  # per scale, the feature maps of one PatchGAN
+
+
+def split_pairs(feats: Features, n: int) -> tuple[Features, Features]:
+    """D's features on a batch of 2n pairs, fake then real, as (fake part, real part)."""
+    return [[x[:n] for x in scale] for scale in feats], [[x[n:] for x in scale] for scale in feats]
+
+
+def patch_logits(feats: Features) -> list[torch.Tensor]:
+    """The logits map of each scale (its last feature map)."""
+    return [scale[-1] for scale in feats]
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, `module`'s parameters get no gradients (autograd still flows through
+    it to its inputs); afterwards each parameter's `requires_grad` is what it was, even if the
+    block raised."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for param, flag in zip(module.parameters(), flags):
+            param.requires_grad_(flag)
 
 
 def _pix2pix_init(m: nn.Module) -> None:

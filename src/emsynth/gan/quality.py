@@ -32,12 +32,12 @@ from torch import nn
 
 from emsynth.data.volume import MITO, Volume
 from emsynth.errors import input_error
+from emsynth.gan.export import load_generator
 from emsynth.segment.infer import predict_with
 from emsynth.segment.metrics import counts
-from emsynth.segment.model import SIDECAR, Segmenter, to_float
+from emsynth.segment.model import Segmenter, to_float
 from emsynth.segment.sampling import segment_data
-from emsynth.segment.train import MODEL_DIR
-from emsynth.synthesis.inference import load_generator, synthesize_volume
+from emsynth.synthesis.inference import synthesize_volume
 
 #: PSNR of identical images is infinite; this cap keeps means and JSON finite.
 PSNR_CAP_DB = 100.0
@@ -45,9 +45,6 @@ PSNR_CAP_DB = 100.0
 
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> Segmenter:
     """A segmenter from its model folder or from the `emsynth segment train` run folder."""
-    path = Path(path)
-    if path.is_dir() and not (path / SIDECAR).is_file() and (path / MODEL_DIR).is_dir():
-        path = path / MODEL_DIR
     return Segmenter.load(path, device)
 
 
@@ -197,7 +194,7 @@ def ssim_psnr(real: np.ndarray, fake: np.ndarray) -> tuple[float, float]:
 
 
 def fcn_iou(segmenter: Segmenter, volume: Volume, device: torch.device,
-            precision: str = "fp32") -> float:
+            precision: str = "auto") -> float:
     """Foreground IoU (whole volume) of the segmenter's mask of `volume` against its mito."""
     inputs = segment_data(volume, segmenter.channel_names, None).inputs
     prob = predict_with(segmenter, inputs, device, precision)
@@ -215,7 +212,7 @@ def evaluate_generator(
     dropout: bool = True,
     kid_subsets: int = 100,
     device: str | torch.device = "cpu",
-    precision: str = "fp32",
+    precision: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Synthesise an image for every mask slice of `volume` and score it against the real one.

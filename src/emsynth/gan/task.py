@@ -25,12 +25,20 @@ from emsynth.gan.losses import (
     feature_matching_loss,
     generator_adversarial_loss,
 )
-from emsynth.gan.networks import MultiScaleDiscriminator, UNetGenerator
+from emsynth.gan.networks import (
+    MultiScaleDiscriminator,
+    UNetGenerator,
+    frozen,
+    patch_logits,
+    split_pairs,
+)
 from emsynth.io import atomic_write_bytes
 
 #: Fixed crops scored by `validate` and shown by `log_images`.
 VAL_CROPS = 8
 GRID_CROPS = 4
+#: The step's losses in the order returned (the progress line shows the first four).
+LOSS_NAMES = ("fm", "d", "g_adv", "l1", "g", "d_real", "d_fake")
 
 
 def linear_decay(total_steps: int, decay_start: float):
@@ -87,71 +95,76 @@ class GanTask(Task):
             name: torch.optim.lr_scheduler.LambdaLR(opt, decay)
             for name, opt in self.optimizers.items()
         }
-        self.ctx = ctx
 
     def sample_batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sampler.sample(rng, self.cfg.data.batch_size)
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor], ctx: StepContext
                    ) -> dict[str, float]:
-        """D step then G step, under the engine's autocast. Savings over the textbook step,
-        none changing the result: the fake image is computed once and reused; D sees the fake
-        and the real pairs as one batch of 2B (InstanceNorm is per sample, so this equals two
-        passes); gradients are freed, not zeroed; in the G step D's weights are frozen (no
-        weight gradients) and the plain D is called, outside data-parallel wrapping, since it
-        is not updated there; Adam runs fused (see `setup`).
+        """G forward, then D step, then G step (pix2pix `optimize_parameters`), under the
+        engine's autocast. Savings over the textbook step, none changing the result: the fake
+        image is computed once and reused; D sees the fake and the real pairs as one batch of
+        2B (InstanceNorm is per sample, so this equals two passes); gradients are freed, not
+        zeroed; in the G step D's weights are frozen (no weight gradients) and the plain D is
+        called, outside data-parallel wrapping, since it is not updated there; Adam runs fused
+        (see `setup`).
         """
         masks, real = (t.to(ctx.device, non_blocking=True) for t in batch)
-        loss_cfg = self.cfg.loss
-        mode = loss_cfg.adversarial
-        generator, discriminator = self.modules["generator"], self.modules["discriminator"]
-        plain_d = unwrap(discriminator)
-        opt_g, opt_d = self.optimizers["generator"], self.optimizers["discriminator"]
-        n = masks.shape[0]
-
         with ctx.autocast():
-            fake = generator(masks)
-            pairs = torch.cat([torch.cat([masks, fake.detach()], 1), torch.cat([masks, real], 1)])
-            feats = discriminator(pairs)
-        fake_logits = [f[-1][:n] for f in feats]
-        real_logits = [f[-1][n:] for f in feats]
-        loss_d = discriminator_loss(real_logits, fake_logits, mode)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+            fake = self.modules["generator"](masks)
+        d_terms = self.update_discriminator(masks, real, fake, ctx)
+        g_terms = self.update_generator(masks, real, fake, ctx)
+        terms = {**d_terms, **g_terms}
+        return {name: terms[name].item() for name in LOSS_NAMES if name in terms}
 
-        plain_d.requires_grad_(False)
-        try:
-            use_fm = loss_cfg.feature_matching_weight > 0
+    def update_discriminator(self, masks: torch.Tensor, real: torch.Tensor, fake: torch.Tensor,
+                             ctx: StepContext) -> dict[str, torch.Tensor]:
+        """D step (pix2pix `backward_D`): real pairs towards "real", fake pairs towards "fake",
+        with G cut off (`fake` detached). Returns `d` and the mean logits `d_real`, `d_fake`."""
+        with ctx.autocast():
+            pairs = torch.cat([torch.cat([masks, fake.detach()], 1), torch.cat([masks, real], 1)])
+            feats = self.modules["discriminator"](pairs)
+        fake_feats, real_feats = split_pairs(feats, masks.shape[0])
+        real_logits, fake_logits = patch_logits(real_feats), patch_logits(fake_feats)
+        loss_d = discriminator_loss(real_logits, fake_logits, self.cfg.loss.adversarial)
+        self._update("discriminator", loss_d)
+        return {"d": loss_d, "d_real": _mean_logit(real_logits),
+                "d_fake": _mean_logit(fake_logits)}
+
+    def update_generator(self, masks: torch.Tensor, real: torch.Tensor, fake: torch.Tensor,
+                         ctx: StepContext) -> dict[str, torch.Tensor]:
+        """G step (pix2pix `backward_G`): make the updated D call the fake pair real, plus
+        `l1_weight` x L1 to the real image, plus `feature_matching_weight` x feature matching
+        (pix2pixHD) when on. D is frozen: gradients flow through it to G only. Returns `g_adv`,
+        `l1`, `fm` (when on) and the total `g`."""
+        loss_cfg = self.cfg.loss
+        use_fm = loss_cfg.feature_matching_weight > 0
+        discriminator = unwrap(self.modules["discriminator"])
+        with frozen(discriminator):
             with ctx.autocast():
                 fake_pair = torch.cat([masks, fake], 1)
                 # Feature matching compares with the real pair's features under the updated D.
-                g_in = torch.cat([fake_pair, torch.cat([masks, real], 1)]) if use_fm else fake_pair
-                g_feats = plain_d(g_in)
-            loss_adv = generator_adversarial_loss([f[-1][:n] for f in g_feats], mode)
-            loss_l1 = F.l1_loss(fake.float(), real)
-            loss_g = loss_adv + loss_cfg.l1_weight * loss_l1
-            losses = {}
+                d_in = torch.cat([fake_pair, torch.cat([masks, real], 1)]) if use_fm else fake_pair
+                feats = discriminator(d_in)
+            fake_feats, real_feats = split_pairs(feats, masks.shape[0])
+            terms = {
+                "g_adv": generator_adversarial_loss(patch_logits(fake_feats),
+                                                    loss_cfg.adversarial),
+                "l1": F.l1_loss(fake.float(), real),
+            }
+            loss_g = terms["g_adv"] + loss_cfg.l1_weight * terms["l1"]
             if use_fm:
-                loss_fm = feature_matching_loss([[x[n:] for x in f] for f in g_feats],
-                                                [[x[:n] for x in f] for f in g_feats])
-                loss_g = loss_g + loss_cfg.feature_matching_weight * loss_fm
-                losses["fm"] = loss_fm.item()
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-        finally:
-            plain_d.requires_grad_(True)
+                terms["fm"] = feature_matching_loss(real_feats, fake_feats)
+                loss_g = loss_g + loss_cfg.feature_matching_weight * terms["fm"]
+            self._update("generator", loss_g)
+        return {**terms, "g": loss_g}
 
-        losses.update(
-            d=loss_d.item(),
-            g_adv=loss_adv.item(),
-            l1=loss_l1.item(),
-            g=loss_g.item(),
-            d_real=torch.stack([x.float().mean() for x in real_logits]).mean().item(),
-            d_fake=torch.stack([x.float().mean() for x in fake_logits]).mean().item(),
-        )
-        return losses
+    def _update(self, name: str, loss: torch.Tensor) -> None:
+        """Backward `loss` into module `name` and step its optimiser (old gradients freed)."""
+        optimizer = self.optimizers[name]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
     def _generate(self, masks: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """G without dropout (eval), batch by batch: deterministic, comparable across steps."""
@@ -174,18 +187,18 @@ class GanTask(Task):
         return {"l1": float((fake - real).abs().mean()),
                 "psnr": 10 * float(np.log10(1.0 / max(mse, 1e-12)))}
 
-    def log_images(self, step: int, writer: Any, out_dir: Any) -> None:
+    def log_images(self, step: int, writer: Any, out_dir: Any, ctx: StepContext) -> None:
         """One row per fixed crop: each mask channel | real image | synthetic image."""
         masks, real = self.grid_crops
-        fake = self._generate(masks, self.ctx)
-        grid = image_grid(masks, real, fake, self.conditioning.mask_range)
+        fake = self._generate(masks, ctx)
+        grid = sample_rows(masks, real, fake, self.conditioning.mask_range)
         buffer = iio.imwrite("<bytes>", grid, extension=".png")
         atomic_write_bytes(Path(out_dir) / f"samples_{step:08d}.png", buffer)
         if writer is not None:
             writer.add_image("samples", grid, global_step=step, dataformats="HW")
 
 
-def image_grid(masks: torch.Tensor, real: torch.Tensor, fake: torch.Tensor,
+def sample_rows(masks: torch.Tensor, real: torch.Tensor, fake: torch.Tensor,
                mask_range: str, gap: int = 4) -> np.ndarray:
     """uint8 grid, one row per sample: masks (white = label) | real | synthetic."""
     mask_img = masks.float() if mask_range == "-1,1" else masks.float() * 2 - 1
@@ -195,6 +208,11 @@ def image_grid(masks: torch.Tensor, real: torch.Tensor, fake: torch.Tensor,
         row = [unit_to_image(t) for t in tiles]
         rows.append(_join(row, gap, axis=1))
     return _join(rows, gap, axis=0)
+
+
+def _mean_logit(logits: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of the logits maps over pixels, then over scales."""
+    return torch.stack([x.detach().float().mean() for x in logits]).mean()
 
 
 def _join(arrays: list[np.ndarray], gap: int, axis: int) -> np.ndarray:

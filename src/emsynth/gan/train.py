@@ -8,12 +8,13 @@ from typing import Any
 
 from emsynth.data.phantom import generate_volume
 from emsynth.data.readers import read_volume
+from emsynth.data.slices import split_blocks
 from emsynth.data.volume import Volume
+from emsynth.engine.task import step_context
 from emsynth.engine.trainer import train
-from emsynth.errors import EmsynthError
 from emsynth.gan.config import GanConfig
+from emsynth.gan.export import GENERATOR_FILE, export_generator
 from emsynth.gan.task import GanTask
-from emsynth.synthesis.inference import GENERATOR_FILE, export_generator
 
 
 def load_volumes(cfg: GanConfig) -> list[Volume]:
@@ -30,15 +31,11 @@ def split_volumes(volumes: list[Volume], val_block: int) -> tuple[list[Volume], 
     near-identical neighbouring slices do not land on both sides), the rest for training."""
     train_parts, val_parts = [], []
     for volume in volumes:
-        if val_block >= len(volume):
-            raise EmsynthError(
-                f"{volume.source}: data.val_block={val_block} leaves no training slices in a "
-                f"{len(volume)}-slice volume. Fix: lower data.val_block"
-            )
-        cut = len(volume) - val_block
-        train_parts.append(volume.select(range(cut)))
-        if val_block:
-            val_parts.append(volume.select(range(cut, len(volume))))
+        train, val, _ = split_blocks(len(volume), val_block, where=volume.source,
+                                     fix="lower data.val_block")
+        train_parts.append(volume.select(train))
+        if val:
+            val_parts.append(volume.select(val))
     return train_parts, val_parts
 
 
@@ -50,7 +47,7 @@ def train_gan(cfg: GanConfig, run_dir: str | Path, resume: bool = True,
     train_volumes, val_volumes = split_volumes(volumes or load_volumes(cfg), cfg.data.val_block)
     task = GanTask(cfg, train_volumes, val_volumes)
     result = train(task, cfg.engine, run_dir, resume=resume)
-    if task.ctx.is_main:
+    if step_context(cfg.engine).is_main:
         info = {"step": result["step"], "sources": [v.source for v in train_volumes]}
         result["generator"] = str(export_generator(run_dir / GENERATOR_FILE,
                                                    task.modules["generator"],

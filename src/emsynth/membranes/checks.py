@@ -16,10 +16,14 @@ Compare a prediction's numbers with the same numbers of ground-truth membranes (
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.morphology import skeletonize
+
+from emsynth.data.volume import MEMBRANE, MITO, Volume
+from emsynth.errors import input_error
 
 #: A mitochondrion interior more than this share on membrane is flagged.
 MITO_CROSSING_LIMIT = 0.01
@@ -121,6 +125,18 @@ def check_membranes(
         min_region_px=min_region_px,
         erode_px=erode_px,
     )
+
+
+def check_volume(volume: Volume, erode_px: int = 3, min_region_px: int = 150,
+                 where: str | Path | None = None) -> Plausibility:
+    """Plausibility numbers of a volume's membrane labels (its mitochondria labels, where it
+    has some, for the crossing test); a one-line error naming `where` when it has none."""
+    if MEMBRANE not in volume.labels:
+        raise input_error(where or volume.source,
+                          f"has no membrane labels (has {sorted(volume.labels)})",
+                          "pass a folder with membranes/ (e.g. the output of membranes predict)")
+    return check_membranes(volume.labels[MEMBRANE], volume.labels.get(MITO), erode_px,
+                           min_region_px)
 
 
 def format_plausibility(p: Plausibility, title: str = "") -> str:

@@ -1,5 +1,8 @@
 """`emsynth membranes ...`: train the (EM image, mitochondria) -> membrane U-Net, predict
-membranes for a volume (CA1 by default) as a slice folder the GAN reads, check plausibility.
+membranes for a volume (e.g. CA1) as a slice folder the GAN reads, check plausibility.
+
+The work is the stage's: training in membranes.task, prediction, thresholding, thinning and
+scoring in membranes.predict, plausibility in membranes.checks, figures in membranes.figures.
 
 Heavy imports (torch, MONAI) happen inside the commands so `emsynth --help` stays fast.
 """
@@ -14,8 +17,8 @@ import typer
 from rich.console import Console
 
 from emsynth.engine.cli import TrainOptions, train_options
-from emsynth.errors import EmsynthError, input_error
 from emsynth.membranes.config import MITO_FROM_HELP
+from emsynth.options import DeviceOpt, LayoutOpt, PrecisionOpt, ThreadsOpt
 
 app = typer.Typer(
     help="Membrane transfer: predict cell membranes from (EM image, mitochondria mask), "
@@ -24,11 +27,6 @@ app = typer.Typer(
 )
 out = Console()
 
-DEFAULT_CA1 = "../shared/data/lucchi_pp/train"
-DEFAULT_OUT = "runs/membranes/ca1_with_membranes"
-LayoutOpt = Annotated[
-    str, typer.Option("--layout", help="Dataset layout: auto, vnc, epfl-tiff, slices, isbi.")
-]
 
 
 @app.command("train")
@@ -119,8 +117,15 @@ def predict_cmd(
         Path, typer.Option("--model", "-m", help="Run folder of `membranes train` (or its model/).")
     ],
     data: Annotated[
-        Path, typer.Option("--data", "-d", help="Volume to predict (any reader layout).")
-    ] = Path(DEFAULT_CA1),
+        Path,
+        typer.Option("--data", "-d", help="Volume to predict (any reader layout), e.g. "
+                     "../shared/data/lucchi_pp/train (CA1)."),
+    ],
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", "-o", file_okay=False,
+                     help="Output slice folder, e.g. runs/membranes/ca1_with_membranes."),
+    ],
     layout: LayoutOpt = "auto",
     slices: Annotated[
         str | None, typer.Option("--slices", help='Only these slices, e.g. "16-19".')
@@ -128,9 +133,6 @@ def predict_cmd(
     mito_from: Annotated[
         str, typer.Option("--mito-from", help="Mitochondria channel: " + MITO_FROM_HELP)
     ] = "labels",
-    out_dir: Annotated[
-        Path, typer.Option("--out", "-o", file_okay=False, help="Output slice folder.")
-    ] = Path(DEFAULT_OUT),
     threshold: Annotated[
         float | None,
         typer.Option("--threshold", min=0.0, max=1.0,
@@ -155,12 +157,9 @@ def predict_cmd(
     figure_crop: Annotated[
         int, typer.Option("--figure-crop", min=0, help="Centre crop of figure panels (0 = whole).")
     ] = 512,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="bf16 or fp32.")] = "bf16",
-    threads: Annotated[
-        int | None,
-        typer.Option("--threads", min=1, help="torch CPU threads (1 is fastest on a busy CPU)."),
-    ] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Predict membranes for every slice of a volume (sliding window, any slice size).
 
@@ -182,65 +181,44 @@ def predict_cmd(
     )
 
     from emsynth.data.readers import read_volume
+    from emsynth.data.slices import parse_slices
     from emsynth.data.volume import MEMBRANE
-    from emsynth.engine.trainer import resolve_device
-    from emsynth.membranes.checks import check_membranes, format_plausibility
+    from emsynth.engine.device import resolve_device, resolve_precision, thread_count
+    from emsynth.membranes.checks import format_plausibility
     from emsynth.membranes.figures import prediction_figure
     from emsynth.membranes.predict import (
         MembraneModel,
-        membrane_scores,
+        format_scores,
         mito_mask,
-        predict_membranes,
-        thin_membranes,
+        predict_volume,
         write_prediction,
     )
-    from emsynth.segment.sampling import parse_slices
 
-    if precision not in ("bf16", "fp32"):
-        raise EmsynthError(f"--precision {precision!r} is unknown. Fix: use bf16 or fp32")
-    if device not in ("auto", "cpu", "cuda"):
-        raise EmsynthError(f"--device {device!r} is unknown. Fix: use auto, cpu or cuda")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(thread_count(threads))
     dev = str(resolve_device(device))
+    precision = resolve_precision(precision, torch.device(dev))
     membrane_model = MembraneModel.load(model, device=dev)
     volume = read_volume(data, layout)
     if slices is not None:
         volume = volume.select(parse_slices(slices, len(volume), "--slices"))
-    mito = mito_mask(volume, mito_from, device=dev, precision=precision)
+    mito = mito_mask(volume, mito_from, device=dev, precision=precision)  # errors before the bar
     progress = Progress(TextColumn("[bold]predict membranes"), BarColumn(), MofNCompleteColumn(),
                         TimeRemainingColumn(), console=Console(stderr=True))
     with progress:
         bar = progress.add_task("predict", total=len(volume))
-        prob = predict_membranes(membrane_model, volume, mito, dev, precision, tta,
-                                 progress=lambda n: progress.advance(bar, n))
-    thr = membrane_model.threshold if threshold is None else threshold
-    binary = prob >= thr
-    membranes = thin_membranes(binary, thin_width) if thin_width else binary
-    record: dict = {
-        "data": str(data), "source": volume.source, "model": str(membrane_model.path),
-        "mito_from": mito_from, "threshold": thr, "thin_width": thin_width,
-        "slice_names": volume.slice_names,
-    }
-    truth = volume.labels.get(MEMBRANE)
-    if truth is not None:
-        record["scores"] = membrane_scores(binary, truth)
-        if thin_width:
-            record["scores_thinned"] = membrane_scores(membranes, truth)
-    checks = check_membranes(membranes, mito)
-    record["plausibility"] = checks.as_dict()
-    written = write_prediction(out_dir, volume, mito, prob, membranes, record)
-    out.print(format_plausibility(checks, title=f"plausibility of predicted membranes "
+        result = predict_volume(membrane_model, volume, mito_from, threshold, thin_width, dev,
+                                precision, tta, progress=lambda n: progress.advance(bar, n),
+                                data=str(data), mito=mito)
+    written = write_prediction(out_dir, volume, result.mito, result.prob, result.membranes,
+                               result.record)
+    out.print(format_plausibility(result.checks, title=f"plausibility of predicted membranes "
                                   f"({len(volume)} slices)"), highlight=False)
-    for key in ("scores", "scores_thinned"):
-        if key in record:
-            s = record[key]
-            out.print(f"{key.replace('_', ' ')} vs {volume.source} membranes: F1 {s['f1']:.4f}, "
-                      f"IoU {s['iou']:.4f} (precision {s['precision']:.4f}, recall "
-                      f"{s['recall']:.4f}, threshold {thr:.3f})", highlight=False)
+    for line in format_scores(result.record):
+        out.print(line, highlight=False)
     if figure is not None:
-        prediction_figure(figure, volume.image, mito, membranes, truth,
-                          names=volume.slice_names, crop=figure_crop or None,
+        prediction_figure(figure, volume.image, result.mito, result.membranes,
+                          volume.labels.get(MEMBRANE), names=volume.slice_names,
+                          crop=figure_crop or None,
                           title=f"{data.parent.name}/{data.name}: membranes predicted from "
                           f"EM + mitochondria ({mito_from})")
         out.print(f"figure: {figure}", highlight=False)
@@ -269,16 +247,11 @@ def check_cmd(
     prediction with ground truth, e.g. ../shared/data/drosophila_vnc.
     """
     from emsynth.data.readers import read_volume
-    from emsynth.data.volume import MEMBRANE, MITO
     from emsynth.io import atomic_write_text
-    from emsynth.membranes.checks import check_membranes, format_plausibility
+    from emsynth.membranes.checks import check_volume, format_plausibility
 
     volume = read_volume(path, layout)
-    if MEMBRANE not in volume.labels:
-        raise input_error(path, f"has no membrane labels (has {sorted(volume.labels)})",
-                          "pass a folder with membranes/ (e.g. the output of membranes predict)")
-    checks = check_membranes(volume.labels[MEMBRANE], volume.labels.get(MITO), erode_px,
-                             min_region_px)
+    checks = check_volume(volume, erode_px, min_region_px, where=path)
     out.print(format_plausibility(checks, title=f"{volume.source}"), highlight=False)
     if json_out is not None:
         atomic_write_text(json_out, json.dumps({"source": volume.source, **checks.as_dict()},
@@ -308,31 +281,7 @@ def figure_cmd(
     ] = 512,
 ) -> None:
     """Draw EM | mitochondria | predicted membranes [| true membranes] from a prediction folder."""
-    from emsynth.data.readers import read_volume
-    from emsynth.data.volume import MEMBRANE, MITO
-    from emsynth.membranes.figures import prediction_figure
-    from emsynth.segment.sampling import parse_slices
+    from emsynth.membranes.figures import prediction_folder_figure
 
-    pred = read_volume(prediction, "slices")
-    if MEMBRANE not in pred.labels or MITO not in pred.labels:
-        raise input_error(prediction, "has no masks/ and membranes/ folders",
-                          "pass the --out folder of `emsynth membranes predict`")
-    true_membranes = None
-    if truth is not None:
-        volume = read_volume(truth)
-        if truth_slices is not None:
-            volume = volume.select(parse_slices(truth_slices, len(volume), "--truth-slices"))
-        if MEMBRANE not in volume.labels or volume.shape != pred.shape:
-            raise input_error(truth, f"has no membrane labels of shape {pred.shape}",
-                              "pass the dataset and --truth-slices the prediction was made from")
-        true_membranes = volume.labels[MEMBRANE]
-    picks = None
-    if rows is not None:
-        picks = parse_slices(rows, len(pred), "--rows")
-    meta = json.loads((prediction / "prediction.json").read_text()) if (
-        prediction / "prediction.json").is_file() else {}
-    title = f"{meta.get('data', pred.source)}: membranes predicted from EM + mitochondria"
-    prediction_figure(out_png, pred.image, pred.labels[MITO], pred.labels[MEMBRANE],
-                      true_membranes, rows=picks, names=meta.get("slice_names"),
-                      crop=crop or None, title=title)
+    prediction_folder_figure(prediction, out_png, truth, truth_slices, rows, crop or None)
     out.print(f"wrote {out_png} ({out_png.stat().st_size / 1024:.0f} KB)", highlight=False)

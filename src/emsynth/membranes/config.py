@@ -18,6 +18,7 @@ from emsynth.engine.config import EngineConfig
 from emsynth.segment.config import (
     AugmentConfig,
     DataConfig,
+    GeometryConfig,
     InferConfig,
     LossConfig,
     ModelConfig,
@@ -73,19 +74,6 @@ class MembraneDataConfig(StrictModel):
     def _slice_spec_as_text(cls, value: object) -> object:
         """`--set data.val_slices=19` arrives as the YAML integer 19."""
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-class GeometryConfig(StrictModel):
-    """Geometric augmentation (applied by emsynth.segment.augment to every channel + label)."""
-
-    dihedral: bool = Field(True, description="Random flips and 90-degree rotations.")
-    elastic_prob: float = Field(0.0, ge=0.0, le=1.0)
-    elastic_sigma: float = Field(8.0, ge=0.0)
-    elastic_spacing: int = Field(64, ge=8)
-    rotate_prob: float = Field(0.0, ge=0.0, le=1.0)
-    scale_range: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Zoom in 1 +- this: covers pixel-size differences."
-    )
 
 
 class RobustConfig(StrictModel):
@@ -156,11 +144,8 @@ class MembraneConfig(StrictModel):
             ),
             sampling=self.sampling,
             augment=AugmentConfig(
-                dihedral=g.dihedral, elastic_prob=g.elastic_prob, elastic_sigma=g.elastic_sigma,
-                elastic_spacing=g.elastic_spacing, rotate_prob=g.rotate_prob,
-                scale_range=g.scale_range, noise_prob=0.0,
-                intensity_prob=r.intensity_prob, brightness=r.brightness, contrast=r.contrast,
-                gamma=r.gamma,
+                **g.model_dump(), noise_prob=0.0, intensity_prob=r.intensity_prob,
+                brightness=r.brightness, contrast=r.contrast, gamma=r.gamma,
             ),
             model=self.model,
             loss=self.loss,

@@ -21,20 +21,15 @@ from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.data.writers import write_slice_folder
 from emsynth.errors import EmsynthError, input_error
 from emsynth.io import atomic_write_text
+from emsynth.membranes.checks import Plausibility, check_membranes
 from emsynth.membranes.config import INPUTS, TARGET
 from emsynth.membranes.normalize import Normalizer
 from emsynth.segment.infer import predict_with, probability_to_uint8, write_tiff_stack
 from emsynth.segment.metrics import counts
-from emsynth.segment.model import SIDECAR, Segmenter
-from emsynth.segment.train import MODEL_DIR
+from emsynth.segment.model import Segmenter, model_folder
 
 PROB_FILE = "membrane_prob.tif"
 RECORD_FILE = "prediction.json"
-
-
-def _model_folder(path: Path) -> Path:
-    """A run folder (holding model/) or the model folder itself."""
-    return path / MODEL_DIR if (path / MODEL_DIR / SIDECAR).is_file() else path
 
 
 @dataclass
@@ -47,7 +42,7 @@ class MembraneModel:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> MembraneModel:
-        folder = _model_folder(Path(path))
+        folder = model_folder(path)
         segmenter = Segmenter.load(folder, device)
         if segmenter.channel_names != INPUTS or segmenter.target_name != TARGET:
             raise input_error(
@@ -65,7 +60,7 @@ class MembraneModel:
 
 
 def mito_mask(
-    volume: Volume, source: str, device: str = "cpu", precision: str = "bf16"
+    volume: Volume, source: str, device: str = "cpu", precision: str = "auto"
 ) -> np.ndarray:
     """The (z, y, x) bool mitochondria channel for `volume` from `source` (MITO_FROM_HELP)."""
     if source == "labels":
@@ -78,7 +73,7 @@ def mito_mask(
         return volume.labels[MITO]
     if source == "zeros":
         return np.zeros(volume.shape, dtype=bool)
-    folder = _model_folder(Path(source))
+    folder = model_folder(source)
     if not folder.exists():
         raise input_error(
             source, "is neither labels, zeros nor an existing model folder",
@@ -99,7 +94,7 @@ def predict_membranes(
     volume: Volume,
     mito: np.ndarray,
     device: str = "cpu",
-    precision: str = "bf16",
+    precision: str = "auto",
     tta: bool | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
@@ -164,18 +159,83 @@ def write_prediction(
     return out
 
 
+@dataclass
+class Prediction:
+    """Membranes predicted for a volume, as `predict_volume` returns them."""
+
+    mito: np.ndarray  # (z, y, x) bool: the model's mitochondria channel
+    prob: np.ndarray  # (z, y, x) float32 membrane probabilities
+    membranes: np.ndarray  # (z, y, x) bool: thresholded, thinned when thin_width
+    checks: Plausibility
+    record: dict  # what prediction.json holds
+
+
+def binarize(prob: np.ndarray, threshold: float, thin_width: int = 0
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(prob >= threshold, the same thinned to `thin_width` px; unthinned when 0)."""
+    binary = prob >= threshold
+    return binary, thin_membranes(binary, thin_width) if thin_width else binary
+
+
+def predict_volume(
+    model: MembraneModel,
+    volume: Volume,
+    mito_from: str = "labels",
+    threshold: float | None = None,
+    thin_width: int = 0,
+    device: str = "cpu",
+    precision: str = "auto",
+    tta: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+    data: str | None = None,
+    mito: np.ndarray | None = None,
+) -> Prediction:
+    """Predict, threshold (the model's threshold unless given) and thin `volume`'s membranes;
+    score them against its membrane labels where it has some, and measure their plausibility.
+    `data` names the input in the record (default: the volume's source). `mito`: the
+    mitochondria channel when the caller already has it from `mito_mask(volume, mito_from)`."""
+    if mito is None:
+        mito = mito_mask(volume, mito_from, device=device, precision=precision)
+    prob = predict_membranes(model, volume, mito, device, precision, tta, progress)
+    thr = model.threshold if threshold is None else threshold
+    binary, membranes = binarize(prob, thr, thin_width)
+    record: dict = {
+        "data": data or volume.source, "source": volume.source, "model": str(model.path),
+        "mito_from": mito_from, "threshold": thr, "thin_width": thin_width,
+        "slice_names": volume.slice_names,
+    }
+    truth = volume.labels.get(MEMBRANE)
+    if truth is not None:
+        record["scores"] = membrane_scores(binary, truth)
+        if thin_width:
+            record["scores_thinned"] = membrane_scores(membranes, truth)
+    checks = check_membranes(membranes, mito)
+    record["plausibility"] = checks.as_dict()
+    return Prediction(mito, prob, membranes, checks, record)
+
+
+def format_scores(record: dict) -> list[str]:
+    """One line per membrane score set of a prediction record (none without true membranes)."""
+    lines = []
+    for key in ("scores", "scores_thinned"):
+        if key in record:
+            s = record[key]
+            lines.append(f"{key.replace('_', ' ')} vs {record['source']} membranes: F1 "
+                         f"{s['f1']:.4f}, IoU {s['iou']:.4f} (precision {s['precision']:.4f}, "
+                         f"recall {s['recall']:.4f}, threshold {record['threshold']:.3f})")
+    return lines
+
+
 def evaluate_volume(
     model: MembraneModel,
     volume: Volume,
     mito_from: str = "labels",
     device: str = "cpu",
-    precision: str = "bf16",
+    precision: str = "auto",
     tta: bool | None = None,
 ) -> dict:
     """Predict `volume` and report plausibility numbers, plus membrane F1/IoU (at the model's
     threshold and at 0.5) where the volume has membrane labels."""
-    from emsynth.membranes.checks import check_membranes
-
     mito = mito_mask(volume, mito_from, device, precision)
     prob = predict_membranes(model, volume, mito, device, precision, tta)
     binary = prob >= model.threshold

@@ -25,33 +25,12 @@ from emsynth.membranes.augment import RobustParams, apply_robust, draw_robust
 from emsynth.membranes.config import INPUTS, TARGET, MembraneConfig
 from emsynth.membranes.normalize import Normalizer
 from emsynth.segment import augment
-from emsynth.segment.sampling import PatchSampler, SegmentData, segment_data
+from emsynth.segment.sampling import MixedSampler, PatchSampler, SegmentData, segment_data
 from emsynth.segment.task import SegmentTask
 from emsynth.segment.train import fit_task, resolve_split
 
 #: Key of the membrane model's settings inside the exported Segmenter's metadata.
 META_KEY = "membranes"
-
-
-class MixedSampler:
-    """Draws each crop of a batch from one of several `PatchSampler`s with given shares
-    (sources may have different slice sizes, e.g. 1024 px VNC and 512 px ISBI)."""
-
-    def __init__(self, samplers: list[PatchSampler], shares: list[float]):
-        total = float(sum(shares))
-        if total <= 0:
-            raise ValueError("shares must not all be zero")
-        self.samplers = samplers
-        self.shares = np.asarray(shares, dtype=np.float64) / total
-
-    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        sources = rng.choice(len(self.samplers), size=batch_size, p=self.shares)
-        parts = [
-            self.samplers[i].sample(rng, int(n))
-            for i, n in enumerate(np.bincount(sources, minlength=len(self.samplers)))
-            if n
-        ]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 @dataclass

@@ -10,8 +10,17 @@ from typing import Any
 
 from emsynth.errors import input_error
 from emsynth.report.stats import Summary, paired_difference, summarize
-from emsynth.study.cache import CELLS_DIR, DONE, FORMAT, RECORD, RESULT, STUDY_JSON
-from emsynth.study.config import MIXED, REAL, SYNTHETIC
+from emsynth.study_format import (
+    CELLS_DIR,
+    DONE,
+    FORMAT,
+    MIXED,
+    REAL,
+    RECORD,
+    RESULT,
+    STUDY_JSON,
+    SYNTHETIC,
+)
 
 METRICS = ("iou", "dice")
 METRIC_NAMES = {"iou": "foreground IoU", "dice": "foreground Dice"}

@@ -13,7 +13,7 @@ from PIL import Image
 from emsynth.data.figures import overlay
 from emsynth.data.volume import MEMBRANE, MITO
 from emsynth.report.collect import METRIC_NAMES, StudyResults
-from emsynth.study.config import MIXED, REAL, SYNTHETIC
+from emsynth.study_format import MIXED, REAL, SYNTHETIC
 
 COLOURS = {REAL: "#1f77b4", MIXED: "#d62728", SYNTHETIC: "#2ca02c"}
 MARKERS = {REAL: "o", MIXED: "s", SYNTHETIC: "^"}
@@ -97,7 +97,7 @@ def _tile(image: np.ndarray, masks: dict[str, np.ndarray]) -> np.ndarray:
     return overlay(image, {k: v for k, v in masks.items() if k in (MITO, MEMBRANE)})
 
 
-def image_grid(rows: list[tuple[str, list[np.ndarray]]], title: str,
+def tile_rows(rows: list[tuple[str, list[np.ndarray]]], title: str,
                columns_titles: list[str] | None = None) -> bytes:
     """One row of RGB/grey tiles per (label, tiles) entry."""
     columns = max(len(tiles) for _, tiles in rows)
@@ -135,7 +135,7 @@ def data_grid(regime: str, real: dict[str, np.ndarray] | None,
                  for i in range(len(images))]
         rows.append((f"{label}", images))
         rows.append((f"{label} + masks", [_tile(im, m) for im, m in zip(images, masks)]))
-    return image_grid(rows, f"regime {regime}: images (masks: red mitochondria, green membranes)")
+    return tile_rows(rows, f"regime {regime}: images (masks: red mitochondria, green membranes)")
 
 
 def prediction_tile(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:

@@ -13,13 +13,20 @@ import numpy as np
 import yaml
 from rich.table import Table
 
+from emsynth.engine.progress import format_duration
 from emsynth.io import atomic_write_bytes, atomic_write_text
 from emsynth.report import plots
 from emsynth.report.collect import METRIC_NAMES, StudyResults
-from emsynth.study.cache import CELLS_DIR, PREVIEWS_DIR, STUDY_YAML
-from emsynth.study.cells import PREVIEW, REAL_PREVIEW, load_preview
-from emsynth.study.config import MIXED, REAL
-from emsynth.study.runner import format_duration
+from emsynth.study_format import (
+    CELLS_DIR,
+    MIXED,
+    PREVIEW,
+    PREVIEWS_DIR,
+    REAL,
+    REAL_PREVIEW,
+    STUDY_YAML,
+    load_preview,
+)
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -196,7 +203,7 @@ def build_figures(results: StudyResults) -> list[FigureData]:
     if any(tile.ndim == 3 for _, tiles in rows for tile in tiles):
         figures.append(FigureData(
             f"Test predictions (seed {first_seed})", f"{FIGURES_DIR}/test_predictions.png",
-            plots.image_grid(rows, "yellow: correct, red: false positive, blue: missed",
+            plots.tile_rows(rows, "yellow: correct, red: false positive, blue: missed",
                              results.conditions),
             "Middle slice of the test set (top-left corner), at each model's chosen threshold."))
     return figures

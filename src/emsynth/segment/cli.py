@@ -14,8 +14,9 @@ import typer
 from rich.console import Console
 
 from emsynth.engine.cli import TrainOptions, train_options
-from emsynth.errors import EmsynthError, input_error
+from emsynth.errors import input_error
 from emsynth.io import atomic_write_text
+from emsynth.options import DeviceOpt, LayoutOpt, PrecisionOpt
 
 app = typer.Typer(
     help="Binary segmentation (mitochondria by default): train a U-Net, predict, evaluate.",
@@ -23,10 +24,6 @@ app = typer.Typer(
 )
 out = Console()
 
-LayoutOpt = Annotated[
-    str,
-    typer.Option("--layout", help="Dataset layout: auto, vnc, epfl-tiff, slices, isbi, generic."),
-]
 MaskDirOpt = Annotated[
     str | None,
     typer.Option(
@@ -41,7 +38,7 @@ LabelOpt = Annotated[
 def _read(path: Path, layout: str, mask_dir: str | None, label: str, slices: str | None):
     """read_volume, then keep only `slices` (a spec like "145-164") when given."""
     from emsynth.data.readers import read_volume
-    from emsynth.segment.sampling import parse_slices
+    from emsynth.data.slices import parse_slices
 
     volume = read_volume(path, layout, mask_dir=mask_dir, label=label)
     if slices is None:
@@ -122,8 +119,8 @@ def predict_cmd(
     float_prob: Annotated[
         bool, typer.Option("--float-prob", help="Probabilities as float32 (default uint8 0-255).")
     ] = False,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="bf16 or fp32.")] = "bf16",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
 ) -> None:
     """Write probability and binary-mask TIFF stacks (OUT/prob.tif, OUT/mask.tif) for a volume.
 
@@ -137,16 +134,13 @@ def predict_cmd(
         TimeRemainingColumn,
     )
 
-    from emsynth.engine.trainer import resolve_device
+    from emsynth.engine.device import resolve_device, resolve_precision
     from emsynth.segment.infer import predict_with, probability_to_uint8, write_tiff_stack
     from emsynth.segment.model import Segmenter
     from emsynth.segment.sampling import segment_data
 
-    if precision not in ("bf16", "fp32"):
-        raise EmsynthError(f"--precision {precision!r} is unknown. Fix: use bf16 or fp32")
-    if device not in ("auto", "cpu", "cuda"):
-        raise EmsynthError(f"--device {device!r} is unknown. Fix: use auto, cpu or cuda")
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
     segmenter = Segmenter.load(model, device=dev)
     with warnings.catch_warnings():
         # Prediction needs no ground truth: the reader's note that none was found is noise here.

@@ -7,7 +7,7 @@ Presets live in configs/segment/*.yaml.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -53,21 +53,42 @@ class SamplingConfig(StrictModel):
     )
 
 
-class AugmentConfig(StrictModel):
-    """Each augmentation has an on/off switch (probability 0 disables the random ones)."""
+#: The warp's parameters as field types (constraints and meaning in one place): classes that
+#: need another default (the study's mask deformation) re-use these with their own default.
+ElasticSigma = Annotated[
+    float, Field(ge=0.0, description="Displacement std of the warp's control points (px).")
+]
+ElasticSpacing = Annotated[int, Field(ge=8, description="Control-point spacing of the warp (px).")]
+ScaleRange = Annotated[
+    float,
+    Field(ge=0.0, lt=1.0, description="Zoom factor in 1 +- this, with the warp (also covers "
+          "pixel-size differences between datasets)."),
+]
+
+
+class WarpConfig(StrictModel):
+    """The elastic warp and zoom of emsynth.segment.augment (`elastic_transform`)."""
+
+    elastic_sigma: ElasticSigma = 8.0
+    elastic_spacing: ElasticSpacing = 64
+    scale_range: ScaleRange = 0.0
+
+
+class GeometryConfig(WarpConfig):
+    """Geometric augmentation, applied alike to every input channel and the label: the part
+    of the segment stage's augmentation the membrane stage configures as `geometry`."""
 
     dihedral: bool = Field(True, description="Random flips and 90-degree rotations.")
     elastic_prob: float = Field(0.0, ge=0.0, le=1.0, description="Share of crops warped.")
-    elastic_sigma: float = Field(
-        8.0, ge=0.0, description="Displacement std of control points (px)."
-    )
-    elastic_spacing: int = Field(64, ge=8, description="Control-point spacing of the warp (px).")
     rotate_prob: float = Field(
         0.0, ge=0.0, le=1.0, description="Share of crops given a free rotation."
     )
-    scale_range: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Zoom factor in 1 +- this (with warp)."
-    )
+
+
+class AugmentConfig(GeometryConfig):
+    """Each augmentation has an on/off switch (probability 0 disables the random ones):
+    the geometry (`GeometryConfig`) plus noise and brightness/contrast/gamma on the image."""
+
     noise_prob: float = Field(0.0, ge=0.0, le=1.0)
     noise_std: float = Field(0.03, ge=0.0, description="Gaussian noise std on the 0-1 image scale.")
     intensity_prob: float = Field(

@@ -1,4 +1,5 @@
-"""Inference on slices of any size: overlapping sliding windows, optional 8-way TTA, bf16.
+"""Inference on slices of any size: overlapping sliding windows, optional 8-way TTA, bf16
+where the hardware has it.
 
 Windows are blended with MONAI's Gaussian weighting so window borders (where the network sees
 zero padding) count less. Windows larger than a slice shrink to the slice rounded up to the
@@ -18,19 +19,11 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from emsynth.engine.device import autocast_factory, resolve_precision
 from emsynth.io import atomic_path
 from emsynth.segment.augment import dihedral, inverse_dihedral
 from emsynth.segment.config import InferConfig
 from emsynth.segment.model import Segmenter, to_float
-
-
-def autocast_for(
-    device: torch.device, precision: str = "bf16"
-) -> Callable[[], contextlib.AbstractContextManager]:
-    """Autocast factory for inference outside the engine ("bf16" or "fp32")."""
-    if precision == "fp32":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def window_size(height: int, width: int, window: int, divisor: int) -> tuple[int, int]:
@@ -113,11 +106,13 @@ def predict_with(
     segmenter: Segmenter,
     inputs: np.ndarray,
     device: torch.device | str = "cpu",
-    precision: str = "bf16",
+    precision: str = "auto",
     tta: bool | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """A saved segmenter's probabilities for uint8 inputs (z, c, y, x) or images (z, y, x)."""
+    """A saved segmenter's probabilities for uint8 inputs (z, c, y, x) or images (z, y, x).
+
+    precision: auto (bf16 only where native), bf16 or fp32; see `engine.device`."""
     device = torch.device(device)
     if inputs.ndim == 3:
         inputs = inputs[:, None]
@@ -133,7 +128,7 @@ def predict_with(
         segmenter.infer,
         segmenter.model.divisor,
         device,
-        autocast_for(device, precision),
+        autocast_factory(device, resolve_precision(precision, device)),
         tta,
         progress,
     )

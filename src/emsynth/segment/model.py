@@ -1,8 +1,10 @@
 """The segmentation network and its saved form.
 
-A trained segmenter is two files in one folder: `model.safetensors` (weights) and
-`model.json` (the model, data and inference config plus the chosen threshold), so it can be
-rebuilt without the run that made it and without pickles.
+A trained segmenter is two files in one folder, `run_dir/model`: `model.safetensors` (the
+weights, in the engine's one weights format: `emsynth.engine.checkpoint.save_weights`, module
+"net") and `model.json` (the model, data and inference config plus the chosen threshold), so it
+can be rebuilt without the run that made it and without pickles. `model_folder` is the one
+place that turns "a run folder or its model/" into the model folder.
 """
 
 from __future__ import annotations
@@ -14,16 +16,29 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.networks.nets import BasicUNet, UNet
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from emsynth.engine.checkpoint import load_weights, save_weights
 from emsynth.errors import input_error
-from emsynth.io import atomic_path, atomic_write_text
+from emsynth.io import atomic_write_text
 from emsynth.segment.config import InferConfig, ModelConfig
 
+#: The exported model's folder inside a run folder (segment, membranes, study cells).
+MODEL_DIR = "model"
 WEIGHTS = "model.safetensors"
 SIDECAR = "model.json"
 FORMAT = "emsynth-segmenter-1"
+#: Name of the network in the weights file (`save_weights` names tensors `<module>.<param>`).
+NET = "net"
+
+
+def model_folder(path: str | Path) -> Path:
+    """The model folder of `path`: a run folder (holding model/) or the model folder itself
+    (a path to one of its files gives its folder)."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent
+    return path / MODEL_DIR if (path / MODEL_DIR / SIDECAR).is_file() else path
 
 
 def build_model(cfg: ModelConfig, in_channels: int) -> nn.Module:
@@ -74,9 +89,7 @@ class Segmenter:
         """Write weights and sidecar atomically into `out_dir`; returns the folder."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        with atomic_path(out_dir / WEIGHTS) as tmp:
-            save_file(state, str(tmp), metadata={"format": FORMAT})
+        save_weights(out_dir / WEIGHTS, {NET: self.net}, {"format": FORMAT})
         sidecar = {
             "format": FORMAT,
             "model": self.model.model_dump(mode="json"),
@@ -91,15 +104,17 @@ class Segmenter:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Segmenter:
-        """Load from a folder holding model.safetensors + model.json (or either file's path)."""
-        path = Path(path)
-        folder = path.parent if path.is_file() else path
+        """Load from a folder holding model.safetensors + model.json, its run folder, or either
+        file's path. Weights that do not fit the sidecar's model are a one-line EmsynthError
+        naming the file. Weights files written before the engine format was shared (plain
+        parameter names) still load."""
+        folder = model_folder(path)
         weights, sidecar_path = folder / WEIGHTS, folder / SIDECAR
         if not weights.is_file() or not sidecar_path.is_file():
             raise input_error(
                 folder,
                 f"no trained segmenter here (need {WEIGHTS} and {SIDECAR})",
-                "pass the model folder written by `emsynth segment train` (run_dir/model)",
+                "pass the run folder written by `emsynth segment train` or its model/",
             )
         try:
             sidecar = json.loads(sidecar_path.read_text())
@@ -113,7 +128,8 @@ class Segmenter:
             )
         model_cfg = ModelConfig.model_validate(sidecar["model"])
         net = build_model(model_cfg, len(sidecar["channel_names"]))
-        net.load_state_dict(load_file(str(weights), device="cpu"))
+        load_weights(weights, {NET: net}, plain_module=NET,
+                     fix=f"pass the {WEIGHTS} exported together with this {SIDECAR}")
         net.to(device).eval()
         return cls(
             net=net,

@@ -1,9 +1,8 @@
-"""Training data in memory: stacking input channels, z-block splits and random patch sampling.
+"""Training data in memory: stacking input channels and random patch sampling.
 
 Everything here is numpy on uint8/bool arrays (a full Lucchi volume is ~130 MB), and every
 random choice comes from the `numpy.random.Generator` the engine passes, so a seed fixes the
-batches. Validation is always a contiguous z block: neighbouring EM slices are nearly identical,
-so interleaved validation slices would measure memorisation, not generalisation.
+batches. Slice ranges and the z-block splits live in `emsynth.data.slices`.
 """
 
 from __future__ import annotations
@@ -69,65 +68,6 @@ def segment_data(volume: Volume, inputs: list[str], target: str | None) -> Segme
     )
 
 
-def parse_slices(spec: str, n_slices: int, what: str = "slices") -> list[int]:
-    """Slice indices from "a-b" (inclusive), "a", or comma-joined parts: "0-9,20-29"."""
-    out: list[int] = []
-    for part in spec.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = (int(v) for v in part.split("-", 1))
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise EmsynthError(
-                f"{what} {spec!r} is not a slice range. Fix: write e.g. 0-144 or 0-9,20-29"
-            ) from None
-    if not out:
-        raise EmsynthError(f"{what} {spec!r} selects no slices. Fix: write e.g. 0-144")
-    bad = [i for i in out if not 0 <= i < n_slices]
-    if bad:
-        raise EmsynthError(
-            f"{what} {spec!r} names slice {bad[0]} but the volume has {n_slices} "
-            f"(0-{n_slices - 1})."
-            " Fix: use indices inside the volume"
-        )
-    return sorted(set(out))
-
-
-def split_blocks(
-    n_slices: int, val: int, test: int = 0, gap: int = 0
-) -> tuple[list[int], list[int], list[int]]:
-    """Contiguous z blocks: train = the first slices, then val, then test, in z order.
-
-    `gap` slices are left out between neighbouring blocks so the last training slice and the
-    first validation slice are not near-duplicates.
-    """
-    used = val + test + gap * ((val > 0) + (test > 0))
-    if used >= n_slices:
-        raise EmsynthError(
-            f"a {n_slices}-slice volume cannot hold val={val}, test={test}, gap={gap} plus "
-            "training slices. Fix: use smaller blocks"
-        )
-    n_train = n_slices - used
-    train = list(range(n_train))
-    start = n_train + (gap if val else 0)
-    val_idx = list(range(start, start + val))
-    start = start + val + (gap if test else 0)
-    test_idx = list(range(start, start + test))
-    return train, val_idx, test_idx
-
-
-def evenly_spaced(indices: list[int], count: int) -> list[int]:
-    """`count` indices spread evenly over `indices` (first and last included)."""
-    if count >= len(indices):
-        return list(indices)
-    picks = np.round(np.linspace(0, len(indices) - 1, count)).astype(int)
-    return [indices[i] for i in picks]
-
-
 class PatchSampler:
     """Random square crops of side `patch_size` from a stack of slices.
 
@@ -179,3 +119,24 @@ class PatchSampler:
             xs[i] = self.inputs[z[i], :, y0[i] : y0[i] + p, x0[i] : x0[i] + p]
             ys[i, 0] = self.target[z[i], y0[i] : y0[i] + p, x0[i] : x0[i] + p]
         return xs, ys
+
+
+class MixedSampler:
+    """Draws each crop of a batch from one of several `PatchSampler`s with given shares
+    (sources may have different slice sizes, e.g. 1024 px VNC and 512 px ISBI)."""
+
+    def __init__(self, samplers: list[PatchSampler], shares: list[float]):
+        total = float(sum(shares))
+        if total <= 0:
+            raise ValueError("shares must not all be zero")
+        self.samplers = samplers
+        self.shares = np.asarray(shares, dtype=np.float64) / total
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        sources = rng.choice(len(self.samplers), size=batch_size, p=self.shares)
+        parts = [
+            self.samplers[i].sample(rng, int(n))
+            for i, n in enumerate(np.bincount(sources, minlength=len(self.samplers)))
+            if n
+        ]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -118,14 +118,12 @@ class SegmentTask(Task):
         self.threshold = 0.5
         self.threshold_choice: ThresholdChoice | None = None
         self._preview: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self.ctx: StepContext | None = None
 
     def task_config(self) -> dict[str, Any]:
         return self.cfg.model_dump(mode="json", exclude={"engine", "infer", "threshold"})
 
     def setup(self, ctx: StepContext) -> None:
         cfg = self.cfg
-        self.ctx = ctx
         net = build_model(cfg.model, len(self.train_data.channel_names)).to(ctx.device)
         self.modules = {"net": ctx.wrap(net)}
         opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
@@ -218,7 +216,7 @@ class SegmentTask(Task):
     def validate(self, ctx: StepContext) -> dict[str, float]:
         return self.evaluate(ctx, tta=False)
 
-    def log_images(self, step: int, writer: Any, out_dir: Any) -> None:
+    def log_images(self, step: int, writer: Any, out_dir: Any, ctx: StepContext) -> None:
         """A validation slice: input | truth | probability, as PNG and in TensorBoard."""
         if self._preview is None:
             return

@@ -1,7 +1,9 @@
 """Training a segmenter end to end: split a volume, run the engine, choose the threshold, export.
 
-The exported model lands in `run_dir/model` (see `emsynth.segment.model`) and the final
-validation scores in `run_dir/final_metrics.json`.
+`fit_task` is the one fit-and-export path of every segmenter: the segment stage, the membrane
+model (emsynth.membranes) and the study's segmenter cells. The exported model lands in
+`run_dir/model` (see `emsynth.segment.model`) and the final validation scores in
+`run_dir/final_metrics.json`.
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emsynth.data.slices import parse_slices, split_blocks
 from emsynth.data.volume import Volume
+from emsynth.engine.task import step_context
 from emsynth.engine.trainer import train
 from emsynth.errors import EmsynthError
 from emsynth.io import atomic_write_text
 from emsynth.segment.config import SegmentConfig
-from emsynth.segment.sampling import SegmentData, parse_slices, segment_data
+from emsynth.segment.model import MODEL_DIR
+from emsynth.segment.sampling import SegmentData, segment_data
 from emsynth.segment.task import SegmentTask
 
-MODEL_DIR = "model"
+__all__ = ["FINAL_METRICS", "MODEL_DIR", "fit", "fit_task", "resolve_split", "train_segmenter"]
+
 FINAL_METRICS = "final_metrics.json"
 
 
@@ -34,15 +40,9 @@ def resolve_split(cfg: SegmentConfig, n_slices: int) -> SliceSplit:
     d = cfg.data
     if d.val_slices is not None:
         val = parse_slices(d.val_slices, n_slices, "validation slices")
-    elif d.val_block:
-        if d.val_block >= n_slices:
-            raise EmsynthError(
-                f"data.val_block={d.val_block} leaves no training slices in a {n_slices}-slice "
-                "volume. Fix: lower data.val_block or pass --val-slices"
-            )
-        val = list(range(n_slices - d.val_block, n_slices))
     else:
-        val = []
+        val = split_blocks(n_slices, d.val_block,
+                           fix="lower data.val_block or pass --val-slices")[1]
     if d.train_slices is not None:
         train_idx = parse_slices(d.train_slices, n_slices, "training slices")
     else:
@@ -95,21 +95,24 @@ def fit_task(
     run_dir: str | Path,
     resume: bool = True,
     meta: dict | None = None,
+    model_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train `task` (a SegmentTask or subclass) with the engine, export run_dir/model.
+    """Train `task` (a SegmentTask or subclass) with the engine, export run_dir/model (or
+    `model_dir`, e.g. a study cell's model/ beside its run/).
 
     The returned dict holds the engine's result plus `final` (validation scores of the exported
     model, with test-time augmentation when cfg.infer.tta, which also re-chooses the threshold
-    on those probabilities) and `threshold`; run_dir/final_metrics.json holds the same. Only the
-    main process exports.
+    on those probabilities), `threshold` and `threshold_rule`; run_dir/final_metrics.json holds
+    the first two. Only the main process exports.
     """
     run_dir = Path(run_dir)
+    model_dir = run_dir / MODEL_DIR if model_dir is None else Path(model_dir)
     cfg = task.cfg
     result = train(task, cfg.engine, run_dir, resume=resume)
-    ctx = task.ctx
+    ctx = step_context(cfg.engine)
     final: dict[str, float] = {}
     if ctx is not None and not ctx.is_main:
-        return {**result, "final": final, "threshold": task.threshold}
+        return {**result, "final": final, "threshold": task.threshold, "threshold_rule": None}
     if task.val_data is not None and ctx is not None:
         if cfg.infer.tta:
             final = task.evaluate(ctx, tta=True)
@@ -120,10 +123,10 @@ def fit_task(
     if choice is None and cfg.threshold.choose and task.val_data is not None:
         rule = "restored from the checkpoint"
     info = {**(meta or {}), "threshold_rule": rule, "final_validation": final}
-    task.segmenter(info).save(run_dir / MODEL_DIR)
+    task.segmenter(info).save(model_dir)
     record = {"final": final, "threshold": task.threshold, "engine": _plain(result)}
     atomic_write_text(run_dir / FINAL_METRICS, json.dumps(record, indent=2))
-    return {**result, "final": final, "threshold": task.threshold}
+    return {**result, "final": final, "threshold": task.threshold, "threshold_rule": rule}
 
 
 def _plain(result: dict[str, Any]) -> dict[str, Any]:

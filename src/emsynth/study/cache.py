@@ -23,15 +23,16 @@ import numpy as np
 from emsynth.engine import runinfo
 from emsynth.engine.checkpoint import CHECKPOINT_DIR
 from emsynth.io import atomic_write_text
-
-CELLS_DIR = "cells"
-STUDY_JSON = "study.json"
-STUDY_YAML = "study.yaml"
-PREVIEWS_DIR = "previews"
-FORMAT = "emsynth-study-1"
-RECORD = "cell.json"
-RESULT = "result.json"
-DONE = "done.json"
+from emsynth.study_format import (  # noqa: F401 - the folder layout, re-exported
+    CELLS_DIR,
+    DONE,
+    FORMAT,
+    PREVIEWS_DIR,
+    RECORD,
+    RESULT,
+    STUDY_JSON,
+    STUDY_YAML,
+)
 
 
 def canonical_json(value: Any) -> str:

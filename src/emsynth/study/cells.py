@@ -24,26 +24,30 @@ from emsynth.data.readers import read_volume
 from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.data.writers import write_slice_folder
 from emsynth.engine.config import EngineConfig
-from emsynth.engine.trainer import resolve_device, resolve_precision, train
+from emsynth.engine.device import resolve_device, resolve_precision
 from emsynth.errors import EmsynthError, input_error
 from emsynth.io import atomic_path
 from emsynth.segment.config import SegmentConfig
 from emsynth.segment.infer import predict_with
 from emsynth.segment.metrics import score_volume
-from emsynth.segment.model import Segmenter
-from emsynth.segment.sampling import IMAGE, PatchSampler, SegmentData, segment_data
+from emsynth.segment.model import MODEL_DIR, SIDECAR, WEIGHTS, Segmenter, model_folder
+from emsynth.segment.sampling import (
+    IMAGE,
+    MixedSampler,
+    PatchSampler,
+    SegmentData,
+    segment_data,
+)
 from emsynth.segment.task import SegmentTask
+from emsynth.segment.train import fit_task
 from emsynth.study import data as study_data
 from emsynth.study.cache import Cell, hash_arrays
 from emsynth.study.config import MIXED, REAL, SYNTHETIC, StudyConfig
+from emsynth.study_format import PREVIEW, REAL_PREVIEW, load_preview, save_preview  # noqa: F401
 
 GAN_RUN = "gan"
 SYNTHETIC_DIR = "synthetic"
 SEGMENT_RUN = "run"
-MODEL_DIR = "model"
-PREVIEW = "preview.npz"
-#: The GAN cell's real training data as the GAN saw it (with predicted membranes, if any).
-REAL_PREVIEW = "preview_real.npz"
 MEMBRANE_RUN = "run"
 #: Crops kept in previews for the report's figure grids.
 PREVIEW_COUNT = 4
@@ -66,19 +70,6 @@ def check_finished(result: dict[str, Any], where: Path) -> None:
 
 def inference_device(engine: EngineConfig) -> torch.device:
     return resolve_device(engine.device)
-
-
-def save_preview(path: Path, **arrays: np.ndarray) -> None:
-    """Small uint8/bool arrays for the report's figures, written atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, **arrays)
-
-
-def load_preview(path: Path) -> dict[str, np.ndarray] | None:
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
 
 
 def preview_of(volume: Volume, channels: list[str], count: int = PREVIEW_COUNT,
@@ -108,16 +99,13 @@ def train_membrane_model(cell: Cell, config_path: Path) -> dict[str, Any]:
     check_finished(result, cell.dir)
     return {"final_validation": result["final"], "threshold": result["threshold"],
             "steps": result["step"], "train_s": result["elapsed_s"],
-            "stop_reason": result["stop_reason"], "model_dir": MEMBRANE_RUN + "/model"}
+            "stop_reason": result["stop_reason"], "model_dir": f"{MEMBRANE_RUN}/{MODEL_DIR}"}
 
 
 def membrane_model_files(model_dir: Path) -> list[Path]:
     """The weight and sidecar files of a membrane model (a run folder or its model/), whose
     content hash stands for the model in cell keys."""
-    from emsynth.segment.model import SIDECAR, WEIGHTS
-    from emsynth.segment.train import MODEL_DIR as RUN_MODEL_DIR
-
-    folder = model_dir / RUN_MODEL_DIR if (model_dir / RUN_MODEL_DIR).is_dir() else model_dir
+    folder = model_folder(model_dir)
     files = [folder / WEIGHTS, folder / SIDECAR]
     missing = [f for f in files if not f.is_file()]
     if missing:
@@ -179,8 +167,10 @@ def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch
             ) -> dict[str, Any]:
     """Train the GAN on `real` alone (its conditioning labels included), then synthesise
     `cfg.synthesis.count` images from deformed real masks or procedural masks."""
+    from emsynth.gan.export import load_generator
     from emsynth.gan.train import train_gan
-    from emsynth.synthesis.inference import load_generator, synthesize_volume
+    from emsynth.synthesis import masks as mask_sources
+    from emsynth.synthesis.inference import synthesize_volume
 
     gan_cfg = cfg.gan_config()
     gan_cfg = gan_cfg.model_copy(update={"engine": gan_cfg.engine.model_copy(
@@ -199,13 +189,13 @@ def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch
 
     s = cfg.synthesis
     if s.masks == "real":
-        masks = study_data.deformed_masks(real, channels, s.count, s.size, seed, s.elastic_sigma,
-                                          s.elastic_spacing, s.scale_range)
+        masks = mask_sources.deformed_masks(real, channels, s.count, s.size, seed,
+                                            s.elastic_sigma, s.elastic_spacing, s.scale_range)
         mask_source = "real masks, deformed"
     else:
-        masks, mask_source = study_data.procedural_masks(
+        masks, mask_source = mask_sources.procedural_masks(
             real, channels, s.count, s.size, seed, s.procedural_domain, s.procedural_fit)
-    volume = study_data.mask_volume(masks, mask_source)
+    volume = mask_sources.mask_volume(masks, mask_source)
     precision = resolve_precision(gan_cfg.engine.precision, device)
     synthetic = synthesize_volume(generator, volume, conditioning, dropout=s.dropout, seed=seed,
                                   device=device, precision=precision)
@@ -241,13 +231,13 @@ def segment_config(cfg: StudyConfig, seed: int) -> SegmentConfig:
 
 def run_segment(cell: Cell, cfg: StudyConfig, condition: str, seed: int, real: SegmentData,
                 synthetic: SegmentData | None, val: SegmentData) -> dict[str, Any]:
-    """Train one segmenter with the engine, choose its threshold on `val`, export the model.
+    """Train one segmenter with the segment stage's `fit_task` (threshold chosen on `val`),
+    exporting the model to the cell's model/ beside its run/.
 
     real+synthetic draws each crop of a batch from the synthetic images with probability
-    `mix.synthetic_share` (the membrane stage's MixedSampler), else from the real data.
+    `mix.synthetic_share` (a MixedSampler), else from the real data. Only the regime's real
+    data, the synthetic images and the validation block reach the task: never the test block.
     """
-    from emsynth.membranes.task import MixedSampler
-
     seg_cfg = segment_config(cfg, seed)
     if condition != REAL and synthetic is None:
         raise ValueError(f"condition {condition} needs synthetic data")
@@ -259,27 +249,18 @@ def run_segment(cell: Cell, cfg: StudyConfig, condition: str, seed: int, real: S
             [task.sampler, PatchSampler(synthetic, p.patch_size, p.foreground_fraction)],
             [1.0 - share, share],
         )
-    result = train(task, seg_cfg.engine, cell.dir / SEGMENT_RUN, resume=True)
+    result = fit_task(task, cell.dir / SEGMENT_RUN, resume=True,
+                      meta={"condition": condition, "seed": seed}, model_dir=cell.dir / MODEL_DIR)
     check_finished(result, cell.dir)
-    final = {k.removeprefix("val/"): v for k, v in result.items() if k.startswith("val/")}
-    if seg_cfg.infer.tta and task.ctx is not None:  # as emsynth.segment.train.fit does
-        final = task.evaluate(task.ctx, tta=True)
-    choice = task.threshold_choice
-    rule = choice.reason if choice else "fixed 0.5"
-    if choice is None and seg_cfg.threshold.choose:
-        rule = "restored from the checkpoint"  # a resumed run that had nothing left to train
-    meta = {"condition": condition, "seed": seed, "threshold_rule": rule,
-            "final_validation": final}
-    task.segmenter(meta).save(cell.dir / MODEL_DIR)
     return {
         "condition": condition,
-        "threshold": task.threshold,
-        "validation": final,
+        "threshold": result["threshold"],
+        "validation": result["final"],
         "steps": result["step"],
         "train_s": result["elapsed_s"],
         "stop_reason": result["stop_reason"],
         "loss": result.get("loss"),
-        "threshold_rule": rule,
+        "threshold_rule": result["threshold_rule"],
         "real_images": 0 if condition == SYNTHETIC else len(real),
         "synthetic_images": 0 if condition == REAL else len(synthetic),
     }

@@ -19,14 +19,17 @@ from pydantic import Field, field_validator, model_validator
 
 from emsynth.config import StrictModel
 from emsynth.gan.config import GanConfig, GanDataConfig
-from emsynth.segment.config import DataConfig, SegmentConfig
+from emsynth.segment.config import (
+    DataConfig,
+    ElasticSigma,
+    ScaleRange,
+    SegmentConfig,
+    WarpConfig,
+)
+from emsynth.study_format import CONDITIONS, MIXED, REAL, SYNTHETIC  # noqa: F401
 
 #: Prefix of a data source that is generated, not read: "phantom:ca1", "phantom:vnc".
 PHANTOM_PREFIX = "phantom:"
-REAL = "real"
-MIXED = "real+synthetic"
-SYNTHETIC = "synthetic"
-CONDITIONS = (REAL, MIXED, SYNTHETIC)
 Condition = Literal["real", "real+synthetic", "synthetic"]
 
 
@@ -88,8 +91,9 @@ class RegimeConfig(StrictModel):
         return value
 
 
-class MembraneConfig(StrictModel):
-    """Where the GAN's membrane channel comes from when the data has no membrane labels."""
+class MembraneSourceConfig(StrictModel):
+    """Where the GAN's membrane channel comes from when the data has no membrane labels
+    (the membrane model's own settings are emsynth.membranes.config.MembraneConfig)."""
 
     source: Literal["labels", "model", "folder"] = Field(
         "labels",
@@ -115,7 +119,7 @@ class MembraneConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _has_location(self) -> MembraneConfig:
+    def _has_location(self) -> MembraneSourceConfig:
         if self.source == "model" and not (self.model_dir or self.train_config):
             raise ValueError("membranes.source=model needs model_dir or train_config")
         if self.source == "folder" and not self.folder:
@@ -123,8 +127,12 @@ class MembraneConfig(StrictModel):
         return self
 
 
-class SynthesisConfig(StrictModel):
-    """How many synthetic images each regime x seed gets, and from which masks."""
+class SynthesisConfig(WarpConfig):
+    """How many synthetic images each regime x seed gets, and from which masks.
+
+    The warp fields (`WarpConfig`: elastic_sigma, elastic_spacing, scale_range) deform the
+    real masks (masks=real), with the segment stage's augmentation; their defaults here are
+    stronger than for training crops."""
 
     count: int = Field(64, ge=1, description="Synthetic images (S) per regime and seed.")
     size: int = Field(256, ge=16, description="Side of each synthetic image (px).")
@@ -133,13 +141,8 @@ class SynthesisConfig(StrictModel):
         description="real: random crops of the regime's own masks, elastically deformed and "
         "flipped/rotated; procedural: phantom masks (emsynth.data.phantom.generate_masks).",
     )
-    elastic_sigma: float = Field(
-        10.0, ge=0, description="real masks: control-point displacement std (px)."
-    )
-    elastic_spacing: int = Field(64, ge=8, description="real masks: control-point spacing (px).")
-    scale_range: float = Field(
-        0.1, ge=0, lt=1, description="real masks: zoom factor drawn in 1 +- this."
-    )
+    elastic_sigma: ElasticSigma = 10.0
+    scale_range: ScaleRange = 0.1
     procedural_domain: str = Field(
         "ca1", description="procedural masks: the phantom domain (ca1, vnc) they start from."
     )
@@ -169,7 +172,7 @@ class StudyConfig(StrictModel):
     regimes: list[RegimeConfig] = Field(min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     conditions: list[Condition] = Field(default_factory=lambda: list(CONDITIONS), min_length=1)
-    membranes: MembraneConfig = Field(default_factory=MembraneConfig)
+    membranes: MembraneSourceConfig = Field(default_factory=MembraneSourceConfig)
     gan: GanConfig = Field(default_factory=GanConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     mix: MixConfig = Field(default_factory=MixConfig)

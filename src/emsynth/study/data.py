@@ -1,5 +1,5 @@
-"""The study's data: loading sources, z-block splits, the real data of each regime and seed,
-and the deformed or procedural masks the GAN turns into synthetic images.
+"""The study's data: loading sources, z-block splits and the real data of each regime and
+seed. The masks the GAN turns into synthetic images come from `emsynth.synthesis.masks`.
 """
 
 from __future__ import annotations
@@ -9,22 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import emsynth
-from emsynth.data.phantom import (
-    fit_domain,
-    generate_masks,
-    generate_volume,
-    get_domain,
-    mask_statistics,
-)
+from emsynth.data.phantom import generate_volume, get_domain
 from emsynth.data.readers import read_volume
-from emsynth.data.volume import MEMBRANE, MITO, Volume
+from emsynth.data.slices import split_blocks
+from emsynth.data.volume import MITO, Volume
 from emsynth.errors import EmsynthError, input_error
-from emsynth.segment import augment
-from emsynth.segment.config import AugmentConfig
-from emsynth.segment.sampling import split_blocks
 from emsynth.study.cache import hash_arrays
 from emsynth.study.config import PHANTOM_PREFIX, RegimeConfig, SourceConfig, StudyConfig
 
@@ -99,7 +90,8 @@ def split(cfg: StudyConfig, n_slices: int) -> Blocks:
     if cfg.test is None and s.test_block == 0:
         raise EmsynthError("split.test_block=0 and no test volume: nothing to score on. Fix: "
                            "set split.test_block or pass --test-data")
-    train, val, test = split_blocks(n_slices, s.val_block, s.test_block, s.gap)
+    train, val, test = split_blocks(n_slices, s.val_block, s.test_block, s.gap,
+                                    fix="lower split.val_block, split.test_block or split.gap")
     return Blocks(train, val, test)
 
 
@@ -177,55 +169,3 @@ def cut(volume: Volume, selection: Selection, labels: dict[str, np.ndarray] | No
 
     return Volume(crop(part.image), {k: crop(v) for k, v in channels.items()},
                   part.pixel_size_nm, f"{part.source} (crops of {c} px)", part.slice_names)
-
-
-# --- masks for synthesis ---------------------------------------------------------------------
-
-def deformed_masks(volume: Volume, channels: list[str], count: int, size: int, seed: int,
-                   elastic_sigma: float, elastic_spacing: int, scale_range: float
-                   ) -> dict[str, np.ndarray]:
-    """`count` random square crops of the volume's masks, each flipped/rotated and elastically
-    deformed with the segmentation stage's augmentation (labels re-thresholded at 0.5)."""
-    side = min(size, *volume.shape[1:])
-    rng = np.random.default_rng([seed, 0x5EED])
-    aug = AugmentConfig(dihedral=True, elastic_prob=1.0 if elastic_sigma > 0 else 0.0,
-                        elastic_sigma=elastic_sigma, elastic_spacing=elastic_spacing,
-                        scale_range=scale_range)
-    out = {name: np.empty((count, side, side), bool) for name in channels}
-    for i in range(count):
-        z = rng.integers(0, len(volume))
-        y0 = rng.integers(0, volume.shape[1] - side + 1)
-        x0 = rng.integers(0, volume.shape[2] - side + 1)
-        crop = np.stack([volume.labels[name][z, y0:y0 + side, x0:x0 + side]
-                         for name in channels]).astype(np.float32)[None]
-        params = augment.draw_params(rng, aug, 1, side)
-        # apply() warps "image" channels bilinearly and thresholds the "label": pass the first
-        # mask as the label and threshold the rest here, with no intensity changes.
-        rest, first = augment.apply(torch.from_numpy(crop[:, 1:]),
-                                    torch.from_numpy(crop[:, :1]), params, [])
-        warped = torch.cat([first, rest], 1)[0].numpy() >= 0.5
-        for c, name in enumerate(channels):
-            out[name][i] = warped[c]
-    return out
-
-
-def procedural_masks(volume: Volume, channels: list[str], count: int, size: int, seed: int,
-                     domain: str, fit: bool) -> tuple[dict[str, np.ndarray], str]:
-    """`count` independent phantom mask sets of `size` px (one tissue seed each, so unlike the
-    slices of one phantom volume they are not near-duplicates), from `domain`, with its
-    geometry first fitted to the volume's masks when `fit`. Returns the masks and a label."""
-    chosen = get_domain(domain)
-    if fit:
-        target = mask_statistics(volume.labels[MITO], volume.labels.get(MEMBRANE))
-        side = min(size, *volume.shape[1:])
-        chosen = fit_domain(target, chosen, shape=(side, side))
-    pairs = [generate_masks(chosen, (size, size), seed * 1_000_003 + i) for i in range(count)]
-    found = {MITO: np.stack([p[0] for p in pairs]), MEMBRANE: np.stack([p[1] for p in pairs])}
-    label = f"procedural ({domain}{', fitted to the real masks' if fit else ''})"
-    return {name: found[name] for name in channels}, label
-
-
-def mask_volume(masks: dict[str, np.ndarray], source: str) -> Volume:
-    """Masks as a Volume (blank image) for emsynth.synthesis.synthesize_volume."""
-    shape = next(iter(masks.values())).shape
-    return Volume(np.zeros(shape, np.uint8), masks, source=source)

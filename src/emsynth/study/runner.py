@@ -9,7 +9,6 @@ cell's key go to `study.json` (what the report reads); cells live in `cells/<kin
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from emsynth.config import dump_config
 from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.engine import runinfo
-from emsynth.engine.trainer import resolve_precision
+from emsynth.engine.device import resolve_precision
+from emsynth.engine.progress import format_duration
 from emsynth.errors import EmsynthError
 from emsynth.io import atomic_write_text
 from emsynth.segment.sampling import IMAGE, segment_data
@@ -77,14 +77,6 @@ class StudyState:
 
 
 # --- progress --------------------------------------------------------------------------------
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "--:--"
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
 
 class StudyProgress:
     """Cells done / total with an ETA, printed as a line between cells (each training shows

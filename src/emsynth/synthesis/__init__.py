@@ -1,5 +1,6 @@
 """Stage: synthetic EM volumes from masks with a trained GAN generator (whole slices, one pass)."""
 
-from emsynth.synthesis.inference import load_generator, synthesize_volume
+from emsynth.gan.export import load_generator
+from emsynth.synthesis.inference import synthesize_volume
 
 __all__ = ["load_generator", "synthesize_volume"]

@@ -14,8 +14,6 @@ the result is a function of (weights, masks, seed).
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,73 +22,10 @@ from torch import nn
 
 from emsynth.data.volume import LABEL_NAMES, Volume
 from emsynth.engine import checkpoint as ckpt
-from emsynth.engine.trainer import autocast_factory, resolve_device, resolve_precision
+from emsynth.engine.device import autocast_factory, resolve_device, resolve_precision
 from emsynth.errors import input_error
 from emsynth.gan.data import Conditioning, unit_to_image
 from emsynth.gan.networks import SIDE_MULTIPLE, UNetGenerator
-
-#: File name of the exported generator inside a GAN run folder.
-GENERATOR_FILE = "generator.safetensors"
-_FORMAT = "emsynth-gan-generator"
-
-
-def export_generator(path: str | Path, generator: nn.Module, conditioning: Conditioning,
-                     info: dict[str, Any] | None = None) -> Path:
-    """Write the generator's weights with what is needed to rebuild and feed it."""
-    net = ckpt.unwrap(generator)
-    metadata = {
-        "format": _FORMAT,
-        "ngf": net.ngf,
-        "in_channels": net.in_channels,
-        "channels": list(conditioning.channels),
-        "mask_range": conditioning.mask_range,
-        **(info or {}),
-    }
-    ckpt.save_weights(path, {"generator": net}, metadata)
-    return Path(path)
-
-
-def load_generator(path: str | Path, device: str | torch.device = "cpu"
-                   ) -> tuple[UNetGenerator, Conditioning, dict[str, Any]]:
-    """(generator, conditioning, metadata) from a generator file or a GAN run folder.
-
-    A run folder gives its exported generator.safetensors, or, for a run still in progress
-    or stopped before export, the generator of its latest checkpoint.
-    """
-    path = Path(path)
-    if path.is_dir():
-        if (path / GENERATOR_FILE).is_file():
-            path = path / GENERATOR_FILE
-        else:
-            latest = ckpt.latest_checkpoint(path)
-            if latest is None:
-                raise input_error(path, f"no {GENERATOR_FILE} and no checkpoint in this folder",
-                                  "pass a GAN run folder (emsynth gan train) or a generator file")
-            return _from_checkpoint(latest, device)
-    state, metadata = ckpt.load_weights(path)
-    if metadata.get("format") != _FORMAT or "generator" not in state:
-        raise input_error(path, "not an emsynth GAN generator file",
-                          f"pass the {GENERATOR_FILE} of a GAN run")
-    generator = UNetGenerator(int(metadata["in_channels"]), 1, int(metadata["ngf"]))
-    ckpt.load_weights(path, {"generator": generator})
-    conditioning = Conditioning(tuple(metadata["channels"]), metadata["mask_range"])
-    return generator.to(device), conditioning, metadata
-
-
-def _from_checkpoint(path: Path, device: str | torch.device
-                     ) -> tuple[UNetGenerator, Conditioning, dict[str, Any]]:
-    state = ckpt.load_checkpoint(path)
-    try:
-        task_cfg = state["task_config"]
-        channels = tuple(task_cfg["data"]["channels"])
-        conditioning = Conditioning(channels, task_cfg["data"]["mask_range"])
-        generator = UNetGenerator(len(channels), 1, int(task_cfg["model"]["ngf"]))
-        generator.load_state_dict(state["modules"]["generator"])
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise input_error(path, f"not a GAN checkpoint ({type(err).__name__}: {err})"[:200],
-                          "pass the run folder of emsynth gan train") from None
-    info = {"checkpoint": str(path), "step": int(state["step"])}
-    return generator.to(device), conditioning, info
 
 
 def default_conditioning(generator: UNetGenerator) -> Conditioning:
@@ -162,7 +97,7 @@ def synthesize_volume(
     """A synthetic Volume: one generated image per slice of `masks`, which keeps its labels.
 
     conditioning: the channels the generator was trained on (stored with an exported
-    generator; `load_generator` returns it); None = the training default for its input count.
+    generator; `emsynth.gan.export.load_generator` returns it); None = the training default for its input count.
     precision: "fp32", "bf16" or "auto" (bf16 on CPU and bf16-capable GPUs).
     """
     net = ckpt.unwrap(generator)

@@ -1,0 +1,82 @@
+"""Slice selections of a volume: "0-9,20-29" ranges, contiguous z blocks, even spreads.
+
+Every stage holds validation (and the study also test) slices out as contiguous z blocks at
+the end of a volume: neighbouring EM slices are nearly identical, so interleaved held-out slices
+would measure memorisation, not generalisation. `split_blocks` is the one splitter they share.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emsynth.errors import EmsynthError
+
+
+def parse_slices(spec: str, n_slices: int, what: str = "slices") -> list[int]:
+    """Slice indices from "a-b" (inclusive), "a", or comma-joined parts: "0-9,20-29"."""
+    out: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = (int(v) for v in part.split("-", 1))
+                out.extend(range(a, b + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise EmsynthError(
+                f"{what} {spec!r} is not a slice range. Fix: write e.g. 0-144 or 0-9,20-29"
+            ) from None
+    if not out:
+        raise EmsynthError(f"{what} {spec!r} selects no slices. Fix: write e.g. 0-144")
+    bad = [i for i in out if not 0 <= i < n_slices]
+    if bad:
+        raise EmsynthError(
+            f"{what} {spec!r} names slice {bad[0]} but the volume has {n_slices} "
+            f"(0-{n_slices - 1})."
+            " Fix: use indices inside the volume"
+        )
+    return sorted(set(out))
+
+
+def split_blocks(
+    n_slices: int,
+    val: int,
+    test: int = 0,
+    gap: int = 0,
+    *,
+    fix: str = "use smaller blocks",
+    where: str = "",
+) -> tuple[list[int], list[int], list[int]]:
+    """Contiguous z blocks: train = the first slices, then val, then test, in z order.
+
+    `gap` slices are left out between neighbouring blocks so the last training slice and the
+    first validation slice are not near-duplicates. When no training slice would be left, the
+    error names the volume (`where`, e.g. its source) and says how to fix it (`fix`, naming the
+    caller's own settings).
+    """
+    used = val + test + gap * ((val > 0) + (test > 0))
+    if used >= n_slices:
+        held = f"{val} validation" + (f" + {test} test" if test else "")
+        gaps = f" (with gaps of {gap})" if gap else ""
+        prefix = f"{where}: " if where else ""
+        raise EmsynthError(
+            f"{prefix}holding out {held} slices{gaps} leaves no training slices in a "
+            f"{n_slices}-slice volume. Fix: {fix}"
+        )
+    n_train = n_slices - used
+    train = list(range(n_train))
+    start = n_train + (gap if val else 0)
+    val_idx = list(range(start, start + val))
+    start = start + val + (gap if test else 0)
+    test_idx = list(range(start, start + test))
+    return train, val_idx, test_idx
+
+
+def evenly_spaced(indices: list[int], count: int) -> list[int]:
+    """`count` indices spread evenly over `indices` (first and last included)."""
+    if count >= len(indices):
+        return list(indices)
+    picks = np.round(np.linspace(0, len(indices) - 1, count)).astype(int)
+    return [indices[i] for i in picks]

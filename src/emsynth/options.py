@@ -1,0 +1,32 @@
+"""Command-line options that several stages share, defined once (typer `Annotated` types).
+
+Values are checked where they are used (`engine.device.resolve_device` / `choose_precision`,
+`data.readers.read_volume`), so every command gives the same one-line error for a bad value.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+LayoutOpt = Annotated[
+    str,
+    typer.Option("--layout", help="Dataset layout: auto (detect), vnc, epfl-tiff, slices, isbi "
+                 "or generic."),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (cuda when PyTorch sees a GPU, else cpu), cpu or "
+                      "cuda."),
+]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option("--precision", help="auto (bf16 only where the hardware computes it natively: "
+                 "bf16 GPUs, CPUs with AVX512-BF16/AMX; else fp32), bf16 or fp32. "
+                 "`emsynth doctor` shows what auto picks here."),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="torch CPU threads (default: every core this process "
+                 "may use)."),
+]

@@ -1,0 +1,49 @@
+"""The files of a study folder: what `emsynth study run` writes and `emsynth study report`
+reads. The study (the writer) and the report (the reader, a layer above it) both take the
+names from here, so the report needs none of the study's internals.
+
+    STUDY_DIR/study.json        index: format, config, planned cells, regimes
+    STUDY_DIR/study.yaml        the resolved config
+    STUDY_DIR/previews/         real_<regime>.npz preview crops
+    STUDY_DIR/cells/<name>/     cell.json (record), result.json, done.json, preview*.npz
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from emsynth.io import atomic_path
+
+CELLS_DIR = "cells"
+STUDY_JSON = "study.json"
+STUDY_YAML = "study.yaml"
+PREVIEWS_DIR = "previews"
+FORMAT = "emsynth-study-1"
+RECORD = "cell.json"
+RESULT = "result.json"
+DONE = "done.json"
+PREVIEW = "preview.npz"
+#: The GAN cell's real training data as the GAN saw it (with predicted membranes, if any).
+REAL_PREVIEW = "preview_real.npz"
+
+#: The study's training conditions, in their canonical order.
+REAL = "real"
+MIXED = "real+synthetic"
+SYNTHETIC = "synthetic"
+CONDITIONS = (REAL, MIXED, SYNTHETIC)
+
+
+def save_preview(path: Path, **arrays: np.ndarray) -> None:
+    """Small uint8/bool arrays for the report's figures, written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+
+
+def load_preview(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays `save_preview` wrote, or None when there is no such file."""
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {key: data[key] for key in data.files}
