@@ -18,7 +18,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
-from emsynth.engine.device import autocast_factory
+from emsynth.engine.device import autocast_factory, choose_precision, cpu_kind, thread_count
 
 
 def step_seconds(model, optimizer, loss_fn, images, masks, precision: str, steps: int) -> float:
@@ -45,11 +45,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repetition")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per precision")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: every usable core)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(thread_count(args.threads))
     torch.manual_seed(0)
     model = UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(16, 32, 64, 128),
                  strides=(2, 2, 2), num_res_units=1).to(args.device)
@@ -66,13 +66,14 @@ def main() -> None:
                                       args.steps))
     medians = {p: statistics.median(t) for p, t in timings.items()}
     where = (torch.cuda.get_device_name(args.device) if args.device == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads")
+             else f"CPU [{cpu_kind()}], {torch.get_num_threads()} threads")
     print(f"UNet(16,32,64,128) batch {args.batch} x {args.size}^2, {where}, "
           f"torch {torch.__version__}, median of {args.reps} x {args.steps} steps")
     for precision, seconds in medians.items():
         print(f"  {precision}: {seconds * 1000:7.1f} ms/step  "
               f"{args.batch / seconds:6.1f} images/s")
-    print(f"  bf16 speed-up: {medians['fp32'] / medians['bf16']:.2f}x")
+    print(f"  bf16 speed-up: {medians['fp32'] / medians['bf16']:.2f}x; precision auto picks "
+          f"{choose_precision('auto', torch.device(args.device)).precision} here")
 
 
 if __name__ == "__main__":

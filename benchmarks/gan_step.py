@@ -35,7 +35,7 @@ import torch
 
 from emsynth.config import load_config
 from emsynth.data.phantom import generate_volume
-from emsynth.engine.device import autocast_factory, resolve_precision
+from emsynth.engine.device import autocast_factory, cpu_kind, resolve_precision, thread_count
 from emsynth.engine.task import StepContext
 from emsynth.gan.config import GanConfig
 from emsynth.gan.losses import discriminator_loss, generator_adversarial_loss
@@ -160,6 +160,7 @@ def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) ->
         "precision": precision,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "cpu": cpu_kind(),
         "steps_timed": args.reps * args.steps,
         "peak_rss_mb_engine_only": round(rss_engine, 1),
         "peak_rss_mb_all": round(peak_rss_mb(), 1),
@@ -181,7 +182,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's)")
+                        help="torch threads (default: every usable core)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--ablate", action="store_true",
                         help="also time the engine step with each optimisation turned off")
@@ -195,8 +196,7 @@ def main() -> None:
                 command += ["--json", str(args.json.with_suffix(f".{preset}.json"))]
             subprocess.run(command, check=True)
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(thread_count(args.threads))
     device = torch.device(args.device)
     results = []
     for preset in presets:
@@ -204,7 +204,7 @@ def main() -> None:
         results.append(r)
         print(
             f"{r['preset']:5s} ngf={r['ngf']:<3d} {r['crop']}px batch {r['batch']} "
-            f"[{r['device']}, {r['threads']} threads, {r['precision']}]: engine "
+            f"[{r['device']}: {r['cpu']}, {r['threads']} threads, {r['precision']}]: engine "
             f"{r['engine_images_per_s']:.3f} img/s, reference fp32 "
             f"{r['reference_images_per_s']:.3f} img/s, ratio {r['ratio']:.2f}x | mean L1 "
             f"{r['engine_mean_l1']:.4f} vs {r['reference_mean_l1']:.4f}, D "

@@ -11,9 +11,10 @@ training images/s against a plain eager fp32 loop over the same model and batche
     .venv/bin/python benchmarks/segment_lucchi.py --preset reference      # the plain bar
     .venv/bin/python benchmarks/segment_lucchi.py --labels masks_epfl --train-slices 10
     .venv/bin/python benchmarks/segment_lucchi.py --single-crop --max-time 1m
+    .venv/bin/python benchmarks/segment_lucchi.py --ratio-only --engine-steps 20   # step speed
 
 `--preset reference` is the plain bar the cpu preset must beat: MONAI UNet 16-256 with 2
-residual units, DiceCE, bf16, batch 8 of 256^2, flips/rot90 only, Adam 1e-3 cosine, no
+residual units, DiceCE, precision auto, batch 8 of 256^2, flips/rot90 only, Adam 1e-3 cosine, no
 foreground sampling, no TTA, threshold 0.5, 20 minutes of training (the cpu preset with its
 warps, TTA and threshold choice switched off).
 """
@@ -35,7 +36,7 @@ import torch
 from emsynth.config import load_config
 from emsynth.data.readers import read_volume
 from emsynth.data.slices import evenly_spaced
-from emsynth.engine.device import resolve_device, resolve_precision
+from emsynth.engine.device import cpu_kind, resolve_device, resolve_precision, thread_count
 from emsynth.engine.metrics import read_metrics_csv
 from emsynth.engine.trainer import train
 from emsynth.io import atomic_write_text
@@ -114,8 +115,7 @@ def engine_vs_plain(cfg: SegmentConfig, train_data: SegmentData, steps: int) -> 
     loss_fn = DiceCELoss(sigmoid=True, batch=cfg.loss.batch_dice)
     channels = task.intensity_channels
     threads = torch.get_num_threads()
-    if cfg.engine.num_threads:  # the engine ran with this many; so must the plain loop
-        torch.set_num_threads(cfg.engine.num_threads)
+    torch.set_num_threads(thread_count(cfg.engine.num_threads))  # as many as the engine had
     _sync(device)
     start = time.perf_counter()
     for batch in batches:
@@ -172,6 +172,8 @@ def main() -> None:
     parser.add_argument("--engine-steps", type=int, default=10,
                         help="steps of each side of the engine-vs-plain comparison (0 = skip)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: a temp dir)")
+    parser.add_argument("--ratio-only", action="store_true",
+                        help="only the engine-vs-plain comparison (--engine-steps), no training run")
     args = parser.parse_args()
 
     overrides = list(args.overrides)
@@ -192,16 +194,24 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="segment_lucchi_"))
     device = resolve_device(cfg.engine.device)
     precision = resolve_precision(cfg.engine.precision, device)
-    print(f"preset {args.preset} on {device} ({precision}), labels {args.labels}, "
+    print(f"preset {args.preset} on {device} [{cpu_kind()}] ({precision}, "
+          f"{cfg.engine.num_threads or thread_count(None)} threads), labels {args.labels}, "
           f"{len(train_data)} training slice(s){' (single crop)' if args.single_crop else ''}, "
           f"validation slices 145-164, run folder {out}", flush=True)
 
     report: dict = {"preset": args.preset, "labels": args.labels, "device": str(device),
+                    "cpu": cpu_kind(), "precision": precision,
                     "overrides": overrides, "train_slices": train_idx,
                     "single_crop": args.single_crop,
-                    "threads": cfg.engine.num_threads or torch.get_num_threads()}
+                    "threads": cfg.engine.num_threads or thread_count(None)}
     if args.engine_steps:
         report["engine_vs_plain"] = engine_vs_plain(cfg, train_data, args.engine_steps)
+    if args.ratio_only:
+        e = report["engine_vs_plain"]
+        print(f"engine: {e['engine_images_per_s']:.1f} images/s ({e['engine_precision']}) vs "
+              f"plain eager fp32 loop {e['plain_fp32_images_per_s']:.1f} images/s over the same "
+              f"{e['steps']} batches: ratio {e['ratio']:.2f}")
+        return
 
     meta = {"benchmark": "segment_lucchi", "labels": args.labels}
     result = fit(cfg, train_data, val_data, out, resume=False, meta=meta)

@@ -1,4 +1,7 @@
-"""Shared fixtures: the real data folder (tests skip with a reason where it is absent)."""
+"""Shared fixtures: the real data folder (tests skip with a reason where it is absent).
+
+The tiny configurations the tests train live in tests/tiny.py (module constants, since most are
+needed at import time)."""
 
 from __future__ import annotations
 

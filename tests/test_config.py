@@ -82,3 +82,36 @@ def test_composed_augmentation_keeps_the_dumped_keys_study_cells_hash():
         SynthesisConfig(scale_range=1.0)
     assert set(MembraneSourceConfig().model_dump()) == {
         "source", "model_dir", "train_config", "folder", "threshold", "thin_width"}
+
+
+def test_the_three_stages_load_one_phantom_section_to_the_same_volume(monkeypatch):
+    """Membranes, GAN and study embed the same `phantom` section and load it through
+    PhantomConfig.generate: equal values give the byte-identical volume of generate_volume."""
+    import numpy as np
+
+    from emsynth.data.phantom import PhantomConfig, generate_volume
+    from emsynth.gan.config import GanConfig
+    from emsynth.gan.train import load_volumes
+    from emsynth.membranes.config import MembraneConfig
+    from emsynth.membranes.task import load_training_volume
+    from emsynth.study.config import StudyConfig
+    from emsynth.study.data import load_source
+
+    calls = []
+    generate = PhantomConfig.generate
+    monkeypatch.setattr(PhantomConfig, "generate", lambda self: calls.append(self) or generate(self))
+    spec = {"domain": "ca1", "slices": 2, "size": 256, "seed": 3}  # 256: the GAN's crop
+    volumes = [
+        load_training_volume(MembraneConfig.model_validate({"data": {"phantom": spec}})),
+        load_volumes(GanConfig.model_validate({"data": {"phantom": spec}}))[0],
+        load_source(StudyConfig.model_validate(
+            {"data": {"phantom": spec}, "regimes": [{"name": "a", "slices": 1}]}).data).volume,
+    ]
+    assert calls == [PhantomConfig(**spec)] * 3
+    expected = generate_volume("ca1", 2, (256, 256), seed=3)
+    for volume in volumes:
+        assert volume.source == expected.source == "phantom:ca1:seed=3"
+        assert volume.image.tobytes() == expected.image.tobytes()
+        assert sorted(volume.labels) == sorted(expected.labels)
+        for name, labels in expected.labels.items():
+            assert np.array_equal(volume.labels[name], labels)

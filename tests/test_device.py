@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import SEGMENT_TINY
 from typer.testing import CliRunner
 
 from emsynth.cli import app
@@ -139,11 +140,7 @@ def test_fp32_and_bf16_inference_give_the_same_masks(tmp_path):
                   if 0.05 < (v := generate_volume("ca1", 6, (192, 192), seed=seed)).labels[
                       "mito"].mean() < 0.25)
     cfg = load_config(SegmentConfig, None, [
-        "engine.steps=300", "sampling.foreground_fraction=0.3", "optim.warmup_steps=5",
-        "engine.deterministic=true", "engine.val_every=0", "engine.checkpoint_every=0",
-        "engine.image_every=0", "engine.precision=fp32", "sampling.patch_size=64",
-        "sampling.batch_size=8", "model.channels=[8,16,32]", "model.strides=[2,2]",
-        "model.num_res_units=1", "optim.lr=0.003", "infer.window=64", "data.val_block=2",
+        *SEGMENT_TINY, "engine.steps=300", "engine.val_every=0", "engine.image_every=0",
     ])
     train_segmenter(cfg, volume, tmp_path / "run", resume=False)
     model = Segmenter.load(tmp_path / "run" / MODEL_DIR)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import imageio.v3 as iio
 import numpy as np
+from tiny import GAN_TINY, GAN_TRAIN_ONLY
 from typer.testing import CliRunner
 
 from emsynth.cli import app
@@ -17,8 +16,6 @@ from emsynth.data.writers import write_slice_folder
 from emsynth.gan.config import GanConfig
 from emsynth.gan.figures import mask_rgb
 from emsynth.gan.train import train_gan
-
-GAN_TINY = Path(__file__).resolve().parents[1] / "configs" / "gan" / "tiny.yaml"
 
 
 def test_mask_rgb_draws_mitochondria_over_membranes():
@@ -38,8 +35,7 @@ def test_figure_cli_puts_one_column_per_generator(tmp_path):
     runs = {}
     for name, channels in (("both", "[mito,membrane]"), ("mito", "[mito]")):
         cfg = load_config(GanConfig, GAN_TINY, [
-            "engine.steps=2", "engine.checkpoint_every=0", "engine.val_every=0",
-            "engine.image_every=0", "engine.device=cpu", f"data.channels={channels}",
+            "engine.steps=2", *GAN_TRAIN_ONLY, "engine.device=cpu", f"data.channels={channels}",
         ])
         runs[name] = tmp_path / name
         train_gan(cfg, runs[name], resume=False, volumes=[volume])

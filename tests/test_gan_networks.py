@@ -56,12 +56,15 @@ def test_generator_norms_activations_dropout():
 
 def test_generator_output_shape_range_and_bottleneck():
     g = UNetGenerator(in_channels=2, ngf=8)
-    sizes = []
+    sizes, last = [], []
     g.down[-1].register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:])))
+    g.up[-1].register_forward_hook(lambda m, i, o: last.append(o))
     x = torch.randint(0, 2, (2, 2, 256, 256)).float() * 2 - 1
     y = g(x)
     assert y.shape == (2, 1, 256, 256)
-    assert y.abs().max() <= 1.0 and y.std() > 0
+    # The output is tanh of the outermost decoder layer, applied once, nothing else on top
+    # (not a clamp, not 2 * sigmoid - 1, not a second tanh); and it is not constant.
+    assert torch.equal(y, torch.tanh(last[0])) and y.std() > 0
     assert sizes == [(1, 1)]  # 8 stride-2 levels: 256 -> 1
     y = g(torch.zeros(1, 2, 256, 512))
     assert y.shape == (1, 1, 256, 512) and sizes[-1] == (1, 2)
@@ -120,14 +123,35 @@ def test_three_scales_see_full_half_quarter_resolution():
     assert all(len(f) == 5 for f in feats)  # four feature maps + logits (feature matching)
 
 
-def test_downsampling_is_average_pooling():
+def _half_scale_input(x: torch.Tensor) -> torch.Tensor:
+    """What the second PatchGAN of a two-scale discriminator sees of `x`."""
     d = MultiScaleDiscriminator(in_channels=1, ndf=4, n_scales=2)
     seen = []
     d.scales[1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    x = torch.zeros(1, 1, 256, 256)
-    x[..., 100:104, 100:104] = 1.0  # a 4x4 block: its 2x-downsampled mean is preserved
     d(x)
-    assert torch.isclose(seen[0].sum() * 4, x.sum(), rtol=1e-5)
+    return seen[0][0, 0]
+
+
+def test_downsampling_is_pix2pixhd_3x3_average_pooling_without_padding():
+    """pix2pixHD's downsampler: 3x3 mean, stride 2, zero padding left out of the mean. Output
+    (i, j) averages input rows and columns 2i-1..2i+1 that exist."""
+    # A checkerboard: every full 3x3 window centred on a 0 holds four 1s (4/9); at the top and
+    # left borders only 2x3 or 2x2 pixels exist, half of them 1s (1/2). A 2x2 mean pool and
+    # bilinear resizing give 1/2 everywhere, strided subsampling 0, a 3x3 pool that counts
+    # the padding 1/3 on the borders and 2/9 in the corner.
+    rows, cols = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    checker = ((rows + cols) % 2).float()[None, None]
+    expected = torch.full((32, 32), 4 / 9)
+    expected[0, :] = 1 / 2
+    expected[:, 0] = 1 / 2
+    torch.testing.assert_close(_half_scale_input(checker), expected)
+    # A single bright pixel at (1, 1) lies in the windows of outputs (0, 0), (0, 1), (1, 0)
+    # and (1, 1), of 4, 6, 6 and 9 existing pixels.
+    impulse = torch.zeros(1, 1, 64, 64)
+    impulse[0, 0, 1, 1] = 1.0
+    expected = torch.zeros(32, 32)
+    expected[:2, :2] = torch.tensor([[1 / 4, 1 / 6], [1 / 6, 1 / 9]])
+    torch.testing.assert_close(_half_scale_input(impulse), expected)
 
 
 @pytest.mark.parametrize("transposed", [False, True])

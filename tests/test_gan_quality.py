@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from monai.networks.nets import BasicUNet, UNet
+from tiny import GAN_TINY, GAN_TRAIN_ONLY, SEGMENT_TINY
 from torch import nn
 from typer.testing import CliRunner
 
@@ -33,14 +33,9 @@ from emsynth.gan.train import train_gan
 from emsynth.segment.config import SegmentConfig
 from emsynth.segment.train import train_segmenter
 
-GAN_TINY = Path(__file__).resolve().parents[1] / "configs" / "gan" / "tiny.yaml"
-SEGMENT_TINY = [
-    "engine.steps=40", "engine.val_every=40", "engine.log_every=10",
-    "engine.checkpoint_every=0", "engine.image_every=0", "engine.num_threads=1",
-    "engine.precision=fp32", "engine.deterministic=true", "sampling.patch_size=64", "sampling.batch_size=8",
-    "sampling.foreground_fraction=0.3", "model.channels=[8,16,32]", "model.strides=[2,2]",
-    "model.num_res_units=1", "optim.lr=0.003", "optim.warmup_steps=5", "infer.window=64",
-    "data.val_block=2",
+SEGMENT_40_STEPS = [
+    *SEGMENT_TINY, "engine.steps=40", "engine.val_every=40", "engine.log_every=10",
+    "engine.image_every=0", "engine.num_threads=1",
 ]
 
 
@@ -170,12 +165,10 @@ def test_random_crops_are_seeded_and_inside():
 
 def test_evaluate_generator_end_to_end(tmp_path):
     volume = generate_volume("vnc", 6, (256, 256), seed=3)
-    gan_cfg = load_config(GanConfig, GAN_TINY, [
-        "engine.steps=4", "engine.checkpoint_every=0", "engine.val_every=0",
-        "engine.image_every=0", "data.val_block=1",
-    ])
+    gan_cfg = load_config(GanConfig, GAN_TINY,
+                          ["engine.steps=4", *GAN_TRAIN_ONLY, "data.val_block=1"])
     train_gan(gan_cfg, tmp_path / "gan", resume=False, volumes=[volume])
-    seg_cfg = load_config(SegmentConfig, None, SEGMENT_TINY)
+    seg_cfg = load_config(SegmentConfig, None, SEGMENT_40_STEPS)
     train_segmenter(seg_cfg, volume, tmp_path / "seg", resume=False)
     held_out = volume.select([4, 5])
     scores = evaluate_generator(tmp_path / "gan", held_out, tmp_path / "seg", crops=6,

@@ -13,6 +13,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from tiny import GAN_TINY, GAN_TRAIN_ONLY
 from typer.testing import CliRunner
 
 from emsynth.cli import app
@@ -28,9 +29,6 @@ from emsynth.gan.export import GENERATOR_FILE, load_generator
 from emsynth.gan.task import GanTask, linear_decay
 from emsynth.gan.train import split_volumes, train_gan
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "gan" / "tiny.yaml"
-
-
 
 @pytest.fixture(scope="module")
 def phantom() -> Volume:
@@ -38,11 +36,11 @@ def phantom() -> Volume:
 
 
 def _cfg(*overrides: str) -> GanConfig:
-    return load_config(GanConfig, TINY, list(overrides))
+    return load_config(GanConfig, GAN_TINY, list(overrides))
 
 
 def test_presets_load():
-    root = TINY.parent
+    root = GAN_TINY.parent
     spec = load_config(GanConfig, root / "spec.yaml")
     model, data = spec.model, spec.data
     assert (model.ngf, model.ndf, data.crop, data.batch_size) == (64, 64, 256, 1)
@@ -104,8 +102,7 @@ def _metric(run_dir: Path, name: str) -> list[float]:
 
 def test_tiny_gan_learns_on_a_phantom(tmp_path, phantom):
     """ngf 8, 256 crops, 80 steps: L1 to the real image falls clearly, D stays balanced."""
-    cfg = _cfg("engine.steps=80", "engine.checkpoint_every=0", "engine.val_every=0",
-               "engine.image_every=0", "engine.log_every=20")
+    cfg = _cfg("engine.steps=80", *GAN_TRAIN_ONLY, "engine.log_every=20")
     train_v, val_v = split_volumes([phantom], 1)
     task = GanTask(cfg, train_v, val_v)
     result = train(task, cfg.engine, tmp_path / "run", resume=False)
@@ -119,9 +116,8 @@ def test_tiny_gan_learns_on_a_phantom(tmp_path, phantom):
 
 @pytest.mark.parametrize("adversarial", ["vanilla", "hinge"])
 def test_other_losses_and_feature_matching_train(tmp_path, phantom, adversarial):
-    cfg = _cfg("engine.steps=3", "engine.checkpoint_every=0", "engine.val_every=0",
-               "engine.image_every=0", "engine.log_every=1", f"loss.adversarial={adversarial}",
-               "loss.feature_matching_weight=10")
+    cfg = _cfg("engine.steps=3", *GAN_TRAIN_ONLY, "engine.log_every=1",
+               f"loss.adversarial={adversarial}", "loss.feature_matching_weight=10")
     result = train(GanTask(cfg, [phantom]), cfg.engine, tmp_path / "run", resume=False)
     assert np.isfinite(result["fm"]) and result["fm"] > 0 and np.isfinite(result["g"])
 
@@ -244,8 +240,7 @@ def test_resume_is_exact_and_images_are_written(tmp_path, phantom):
 
 
 def test_train_gan_exports_a_loadable_generator(tmp_path):
-    cfg = _cfg("engine.steps=2", "engine.checkpoint_every=0", "engine.val_every=0",
-               "engine.image_every=0")
+    cfg = _cfg("engine.steps=2", *GAN_TRAIN_ONLY)
     result = train_gan(cfg, tmp_path / "run", resume=False)
     assert result["generator"] == str(tmp_path / "run" / GENERATOR_FILE)
     generator, conditioning, meta = load_generator(tmp_path / "run")
@@ -256,7 +251,7 @@ def test_train_gan_exports_a_loadable_generator(tmp_path):
 def test_cli_train_then_synthesize(tmp_path):
     runner = CliRunner()
     run_dir = tmp_path / "run"
-    res = runner.invoke(app, ["gan", "train", "-c", str(TINY), "-o", str(run_dir),
+    res = runner.invoke(app, ["gan", "train", "-c", str(GAN_TINY), "-o", str(run_dir),
                               "--steps", "2", "--set", "engine.image_every=0",
                               "--set", "engine.val_every=0"])
     assert res.exit_code == 0, res.output

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.morphology import skeletonize
+from tiny import unet_micro
 
 from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.errors import EmsynthError
@@ -97,7 +98,7 @@ def _task(**robust) -> MembraneTask:
         "sampling": {"patch_size": 32, "batch_size": 16},
         "geometry": {"dihedral": False},
         "robust": robust,
-        "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+        "model": unet_micro(),
         "infer": {"window": 32},
     })
     data = segment_data(_phantom_like(), INPUTS, TARGET)
@@ -297,7 +298,7 @@ def test_membrane_only_extra_slices_get_a_zero_mito_channel_and_join_the_sampler
     cfg = MembraneConfig.model_validate({
         "data": {"extra_path": str(folder), "extra_mito": "zeros", "extra_share": 0.5},
         "sampling": {"patch_size": 32, "batch_size": 8},
-        "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+        "model": unet_micro(),
         "infer": {"window": 32},
     })
     extra = load_extra(cfg, Normalizer(), "cpu")
@@ -347,7 +348,7 @@ def _membrane_model_run(tmp_path, threshold: float = 0.5):
     from emsynth.segment.config import InferConfig, ModelConfig
     from emsynth.segment.model import MODEL_DIR, Segmenter, build_model
 
-    model = ModelConfig(channels=[4, 8], strides=[2], num_res_units=0)
+    model = ModelConfig(**unet_micro())
     torch.manual_seed(0)
     Segmenter(build_model(model, 2), model, list(INPUTS), TARGET, threshold,
               InferConfig(window=32, sw_batch_size=2),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import UNET_SMALL
 
 from emsynth.data.phantom import generate_volume
 from emsynth.data.readers import read_volume
@@ -22,10 +23,9 @@ pytestmark = pytest.mark.slow
 TINY = [
     "engine.steps=100", "engine.log_every=20", "engine.checkpoint_every=0", "engine.seed=0",
     "engine.num_threads=1", "engine.device=cpu",
-    "data.phantom_slices=6", "data.phantom_size=192", "data.train_slices=0-4",
+    "data.phantom.slices=6", "data.phantom.size=192", "data.train_slices=0-4",
     "data.val_slices=5", "sampling.patch_size=128", "sampling.batch_size=8",
-    "model.channels=[8,16,32]", "model.strides=[2,2]", "model.num_res_units=1",
-    "optim.lr=0.003", "infer.window=128",
+    *UNET_SMALL, "optim.lr=0.003", "infer.window=128",
 ]
 
 

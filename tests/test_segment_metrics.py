@@ -91,8 +91,12 @@ def test_rule_ignores_optima_outside_the_sane_range():
     t = np.round(np.arange(0.05, 0.951, 0.01), 2)
     iou = np.where(t > 0.9, 0.99, 0.5 + 0.3 * t)  # spurious peak at 0.95
     choice = choose_threshold_from_curve(t, iou, low=0.3, high=0.7, tolerance=0.005, shrink=0.0)
-    assert 0.3 <= choice.threshold <= 0.7
+    # Only 0.3-0.7 are candidates: best 0.71 at 0.70, within 0.005 of it 0.69 (0.707) but not
+    # 0.68 (0.704), so the plateau is 0.69-0.70 and its centre 0.695 is the threshold. A rule
+    # that looked at the peak beyond 0.9 first and clipped afterwards would give 0.7.
+    assert choice.threshold == pytest.approx(0.695)
     assert choice.best_threshold == pytest.approx(0.7)
+    assert choice.iou_at_half == pytest.approx(0.65) and choice.best_iou == pytest.approx(0.71)
 
 
 def test_choose_threshold_on_probabilities_of_a_biased_model():
@@ -101,7 +105,11 @@ def test_choose_threshold_on_probabilities_of_a_biased_model():
     # A model that is over-confident on background: foreground needs a low threshold.
     prob = np.where(truth, rng.uniform(0.32, 0.9, truth.shape), rng.uniform(0.0, 0.3, truth.shape))
     choice = choose_threshold(prob.astype(np.float32), truth)
-    assert 0.3 <= choice.threshold < 0.5
+    # Every threshold in (0.30, 0.32] separates the classes: the curve is ~1.0 at 0.30-0.32 and
+    # 0.98 from 0.33 on (1.7% of the foreground lost), so the plateau is 0.30-0.32, its centre
+    # 0.31, shrunk halfway towards 0.5: 0.405.
+    assert choice.threshold == pytest.approx(0.405)
+    assert choice.best_threshold == pytest.approx(0.3) and choice.best_iou == 1.0
     assert choice.iou_at_threshold > choice.iou_at_half
 
 

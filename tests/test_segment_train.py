@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from tiny import SEGMENT_TINY
 from typer.testing import CliRunner
 
 from emsynth.cli import app
@@ -22,26 +23,14 @@ from emsynth.segment.task import WarmupCosine
 from emsynth.segment.train import FINAL_METRICS, MODEL_DIR, resolve_split, train_segmenter
 
 TINY = [
+    *SEGMENT_TINY,
     "engine.steps=100",
     "engine.val_every=50",
     "engine.log_every=10",
-    "engine.checkpoint_every=0",
     "engine.image_every=50",
     "engine.num_threads=1",
-    "engine.deterministic=true",
-    "engine.precision=fp32",
-    "sampling.patch_size=64",
-    "sampling.batch_size=8",
-    "sampling.foreground_fraction=0.3",
-    "model.channels=[8,16,32]",
-    "model.strides=[2,2]",
-    "model.num_res_units=1",
-    "optim.lr=0.003",
-    "optim.warmup_steps=5",
-    "infer.window=64",
     "augment.intensity_prob=0.5",
     "augment.elastic_prob=0.3",
-    "data.val_block=2",
 ]
 
 

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 
 from emsynth.study.cache import (
-    DONE,
-    RESULT,
     Cell,
     CellSpec,
     canonical_json,
@@ -18,6 +16,7 @@ from emsynth.study.cache import (
     hash_files,
     sha256_text,
 )
+from emsynth.study.layout import DONE, RESULT
 
 
 def _spec(**changes) -> CellSpec:

@@ -86,7 +86,7 @@ def test_cut_crops_image_and_labels_alike():
 
 def test_split_blocks_and_missing_test():
     cfg = StudyConfig.model_validate({
-        "data": {"source": "phantom:ca1"}, "regimes": [{"name": "a", "slices": 1}],
+        "data": {"phantom": {"domain": "ca1"}}, "regimes": [{"name": "a", "slices": 1}],
         "split": {"val_block": 3, "test_block": 4, "gap": 1}})
     blocks = data.split(cfg, 20)
     assert blocks.train == list(range(11)) and blocks.val == [12, 13, 14]
@@ -108,7 +108,7 @@ def test_resolve_path_falls_back_to_the_repo_root(tmp_path, monkeypatch):
 
 
 def test_phantom_source_is_deterministic():
-    cfg = SourceConfig(source="phantom:ca1", phantom_slices=3, phantom_size=64, phantom_seed=2)
+    cfg = SourceConfig(phantom={"domain": "ca1", "slices": 3, "size": 64, "seed": 2})
     assert data.load_source(cfg).key == data.load_source(cfg).key
-    other = cfg.model_copy(update={"phantom_seed": 3})
+    other = SourceConfig(phantom={"domain": "ca1", "slices": 3, "size": 64, "seed": 3})
     assert data.load_source(other).key != data.load_source(cfg).key

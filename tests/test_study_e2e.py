@@ -9,6 +9,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import yaml
+from tiny import unet_micro
 from typer.testing import CliRunner
 
 import emsynth.gan.train
@@ -17,7 +18,7 @@ from emsynth.data.phantom import generate_volume
 from emsynth.data.readers import read_volume
 from emsynth.data.volume import MEMBRANE, MITO
 from emsynth.data.writers import write_slice_folder
-from emsynth.study import cells, runner
+from emsynth.study import cells, layout, runner
 from emsynth.study.config import StudyConfig
 from emsynth.study.data import load_source
 
@@ -29,7 +30,7 @@ def e2e_config(**changes) -> dict:
     cfg = {
         "name": "e2e",
         # 256 px (the GAN's crop), seed 0: about 10% mitochondria.
-        "data": {"source": "phantom:ca1", "phantom_slices": 10, "phantom_size": 256},
+        "data": {"phantom": {"domain": "ca1", "slices": 10, "size": 256, "seed": 0}},
         "split": {"val_block": 2, "test_block": 2, "gap": 1},
         "regimes": [{"name": "1slice", "slices": 1}],
         "seeds": [0],
@@ -40,7 +41,7 @@ def e2e_config(**changes) -> dict:
         "segment": {
             "engine": ENGINE,
             "sampling": {"patch_size": 64, "batch_size": 2},
-            "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+            "model": unet_micro(),
             "infer": {"window": 128, "sw_batch_size": 2},
         },
     }
@@ -94,7 +95,7 @@ def test_tiny_study_end_to_end(tmp_path, counted):
     synthetic = read_volume(gan_dir / cells.SYNTHETIC_DIR, "slices")
     assert synthetic.shape == (3, 128, 128) and set(synthetic.labels) == {MITO, MEMBRANE}
     assert synthetic.image.std() > 0
-    real_seen = cells.load_preview(gan_dir / cells.REAL_PREVIEW)
+    real_seen = layout.load_preview(gan_dir / layout.REAL_PREVIEW)
     assert np.array_equal(real_seen["image"][0], full.image[z][:256, :256])
     assert set(real_seen) == {"image", MITO, MEMBRANE}
     gan_result = json.loads((gan_dir / "result.json").read_text())
@@ -102,10 +103,21 @@ def test_tiny_study_end_to_end(tmp_path, counted):
 
     conditions = [c["labels"]["condition"] for c in index["cells"] if c["kind"] == "eval"]
     assert conditions == ["real", "real+synthetic", "synthetic"]
+    test = full.select(index["data"]["blocks"]["test"])
     for entry in index["cells"]:
         if entry["kind"] == "eval":
             scores = json.loads((study / "cells" / entry["name"] / "result.json").read_text())
-            assert 0.0 <= scores["iou"] <= scores["dice"] <= 1.0
+            # Scored on the test block (its mitochondria fraction, one IoU per slice), and the
+            # scores are one set of counts. Per test pixel: truth t, prediction p, overlap
+            # tp = recall * t; precision = tp / p, IoU = tp / (t + p - tp), Dice = 2 tp / (t + p).
+            t = scores["foreground_fraction_truth"]
+            p = scores["foreground_fraction_pred"]
+            assert t == pytest.approx(test.labels[MITO].mean())
+            assert len(scores["per_slice_iou"]) == len(test)
+            tp = scores["recall"] * t
+            assert scores["precision"] == pytest.approx(tp / p if p else 1.0)
+            assert scores["iou"] == pytest.approx(tp / (t + p - tp))
+            assert scores["dice"] == pytest.approx(2 * tp / (t + p))
     assert "foreground IoU" in result.output and "1slice" in result.output  # headline table
     assert (study / "report.html").is_file() and (study / "figures" / "data_1slice.png").is_file()
 
@@ -132,10 +144,10 @@ def test_membranes_from_a_model_trained_as_a_cell(tmp_path, counted, monkeypatch
     membrane_config = tmp_path / "membranes.yaml"
     membrane_config.write_text(yaml.safe_dump({
         "engine": {**ENGINE, "steps": 2},
-        "data": {"phantom": "vnc", "phantom_slices": 4, "phantom_size": 128,
+        "data": {"phantom": {"domain": "vnc", "slices": 4, "size": 128},
                  "train_slices": "0-2", "val_slices": "3"},
         "sampling": {"patch_size": 64, "batch_size": 2},
-        "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+        "model": unet_micro(),
         "infer": {"window": 128, "sw_batch_size": 2},
     }))
     trained = []

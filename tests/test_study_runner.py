@@ -10,18 +10,23 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import unet_micro
 from typer.testing import CliRunner
 
 from emsynth.cli import app
 from emsynth.config import load_config
 from emsynth.data.phantom import generate_volume
-from emsynth.data.volume import MEMBRANE
+from emsynth.data.volume import MEMBRANE, MITO
 from emsynth.data.writers import write_slice_folder
 from emsynth.errors import EmsynthError
 from emsynth.report import build_report
 from emsynth.report.stats import summarize
+from emsynth.segment.infer import predict_with
+from emsynth.segment.model import Segmenter
+from emsynth.segment.threshold import choose_threshold
 from emsynth.study import cells, runner
 from emsynth.study.config import StudyConfig
+from emsynth.study.data import load_source
 
 TINY_ENGINE = {"steps": 4, "precision": "fp32", "device": "cpu", "checkpoint_every": 2,
                "log_every": 2, "val_every": 0, "image_every": 0}
@@ -31,8 +36,7 @@ def tiny_config(**changes) -> dict:
     cfg = {
         "name": "tiny",
         # 128 px, seed 3: about 11% mitochondria (small phantoms can hold none at all)
-        "data": {"source": "phantom:ca1", "phantom_slices": 12, "phantom_size": 128,
-                 "phantom_seed": 3},
+        "data": {"phantom": {"domain": "ca1", "slices": 12, "size": 128, "seed": 3}},
         "split": {"val_block": 2, "test_block": 2, "gap": 1},
         "regimes": [{"name": "crop32", "slices": 1, "crop": 32}, {"name": "2slices", "slices": 2}],
         "seeds": [0, 1],
@@ -41,7 +45,7 @@ def tiny_config(**changes) -> dict:
         "segment": {
             "engine": TINY_ENGINE,
             "sampling": {"patch_size": 32, "batch_size": 2},
-            "model": {"channels": [4, 8], "strides": [2], "num_res_units": 0},
+            "model": unet_micro(),
             "infer": {"window": 64, "sw_batch_size": 2},
         },
     }
@@ -99,7 +103,18 @@ def test_run_skip_and_report(tmp_path, calls):
     assert (first / "model" / "model.safetensors").is_file()
     assert not (first / "run" / "checkpoints").exists()  # dropped once the cell is done
     segment = json.loads((first / "result.json").read_text())
-    assert segment["steps"] == 4 and 0.0 < segment["threshold"] < 1.0
+    assert segment["steps"] == 4
+    # The threshold is the rule's choice on the exported model's validation-block
+    # probabilities; the model carries it, and the cell's evaluation scores with it.
+    model = Segmenter.load(first / "model")
+    val = load_source(cfg.data).volume.select(blocks["val"])
+    choice = choose_threshold(predict_with(model, val.image, precision="fp32"), val.labels[MITO])
+    assert segment["threshold"] == model.threshold == pytest.approx(choice.threshold)
+    assert segment["threshold_rule"] == choice.reason
+    assert index["cells"][1]["kind"] == "eval"
+    evaluation = json.loads((study / "cells" / index["cells"][1]["name"] / "result.json")
+                            .read_text())
+    assert evaluation["threshold"] == segment["threshold"]
 
     # A second run trains and evaluates nothing and leaves the results untouched.
     results_before = {p: p.read_text() for p in study.glob("cells/*/result.json")}
@@ -158,8 +173,8 @@ def test_other_test_set_reruns_only_evaluations(tmp_path, calls):
     study = tmp_path / "study"
     runner.run_study(StudyConfig.model_validate(tiny_config(seeds=[0])), study)
     assert calls == {"segment": 2, "eval": 2}
-    other = tiny_config(seeds=[0], test={"source": "phantom:ca1", "phantom_slices": 3,
-                                         "phantom_size": 128, "phantom_seed": 1})
+    other = tiny_config(seeds=[0], test={"phantom": {"domain": "ca1", "slices": 3,
+                                                     "size": 128, "seed": 1}})
     index = runner.run_study(StudyConfig.model_validate(other), study)
     assert calls == {"segment": 2, "eval": 4}
     assert index["test"]["slices"] == 3 and "seed 1" in index["test"]["description"]
@@ -213,9 +228,9 @@ def test_config_errors(tmp_path):
     with pytest.raises(EmsynthError, match="training block has 6"):
         runner.run_study(StudyConfig.model_validate(tiny_config(
             regimes=[{"name": "many", "slices": 7}])), tmp_path / "s")
-    with pytest.raises(EmsynthError, match="unknown phantom domain"):
-        runner.run_study(StudyConfig.model_validate(tiny_config(
-            data={"source": "phantom:mouse"})), tmp_path / "s")
+    with pytest.raises(EmsynthError, match="unknown phantom domain 'mouse'"):
+        load_config(StudyConfig, write_config(tmp_path, tiny_config(
+            data={"phantom": {"domain": "mouse"}})))
     mito_only = generate_volume("ca1", 12, (128, 128), seed=3)
     del mito_only.labels[MEMBRANE]
     write_slice_folder(mito_only, tmp_path / "mito_only")

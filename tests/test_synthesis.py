@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from emsynth.cli import app
@@ -14,12 +15,12 @@ from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.errors import EmsynthError
 from emsynth.gan.data import Conditioning
 from emsynth.gan.export import export_generator, load_generator
-from emsynth.gan.networks import UNetGenerator
-from emsynth.synthesis.inference import (
+from emsynth.gan.inference import (
     padding_for,
     synthesize_array,
     synthesize_volume,
 )
+from emsynth.gan.networks import UNetGenerator
 from emsynth.synthesis.masks import phantom_masks
 
 CONDITIONING = Conditioning((MITO, MEMBRANE))
@@ -62,7 +63,13 @@ def _tiled(generator, masks: np.ndarray) -> np.ndarray:
 
 def test_whole_slice_has_no_seams_unlike_stitched_tiles(generator, masks_1024):
     whole = synthesize_array(generator, masks_1024, dropout=False)[0]
-    assert whole.shape == (1024, 1024) and np.abs(whole).max() <= 1.0 and whole.std() > 0.01
+    # A multiple of 256 is not padded: one plain pass of G in eval mode (no dropout).
+    generator.eval()
+    with torch.no_grad():
+        direct = generator(torch.from_numpy(masks_1024))[0, 0].numpy()
+    generator.train()
+    np.testing.assert_allclose(whole, direct, atol=1e-6)
+    assert whole.std() > 0.01
     assert all(0.8 < r < 1.25 for r in _seam_ratios(whole)), _seam_ratios(whole)
     tiled = _tiled(generator, masks_1024)
     # The statistic does see seams: independently processed tiles break it ...
@@ -89,14 +96,48 @@ def test_padding_is_centred_reflection():
     assert padding_for(257) == (127, 128)
 
 
-def test_padded_slice_equals_the_centre_of_a_reflected_full_pass(generator):
-    """A 300x500 slice is the crop of what the generator makes of its reflect-padded version."""
-    rng = np.random.default_rng(0)
-    masks = (rng.random((1, 2, 300, 500)) > 0.7).astype(np.float32) * 2 - 1
-    small = synthesize_array(generator, masks, dropout=False)
-    padded = np.pad(masks, ((0, 0), (0, 0), (106, 106), (6, 6)), mode="reflect")
-    big = synthesize_array(generator, padded, dropout=False)
-    np.testing.assert_allclose(small, big[:, 106:406, 6:506], atol=1e-6)
+class _Spy(nn.Module):
+    """A stand-in generator: records each input it is given and returns its first channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # synthesize_array takes its device
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return x[:, :1] + self.anchor
+
+
+def test_slices_are_reflect_padded_centred_and_cropped_back():
+    """A 253x254 slice whose channels are its column and row numbers: G must see it mirrored
+    about the edge pixel (not repeated, not zero) by 1 before and 2 after (rows) and 1 on
+    each side (columns), and the output must be cropped back from exactly there."""
+    rows, cols = np.meshgrid(np.arange(253), np.arange(254), indexing="ij")
+    masks = np.stack([cols, rows]).astype(np.float32)[None]
+    spy = _Spy()
+    out = synthesize_array(spy, masks, dropout=False)
+    (seen,) = spy.seen
+    assert seen.shape == (1, 2, 256, 256)
+    top_row = np.r_[1, np.arange(254), 252]  # columns: [1] 0 1 ... 253 [252]
+    left_column = np.r_[1, np.arange(253), 251, 250]  # rows: [1] 0 1 ... 252 [251 250]
+    np.testing.assert_array_equal(seen[0, 0, 0].numpy(), top_row)
+    np.testing.assert_array_equal(seen[0, 1, :, 0].numpy(), left_column)
+    np.testing.assert_array_equal(out, masks[:, 0])
+
+
+def test_pads_wider_than_the_slice_reflect_again():
+    """40 rows in 256: 108 rows before and after, more than the slice holds, so the reflection
+    folds back (period 78 = 2 x 39): row -108 is row 30, row 147 is row 9."""
+    rows = np.broadcast_to(np.arange(40, dtype=np.float32)[:, None], (40, 256))
+    spy = _Spy()
+    out = synthesize_array(spy, np.ascontiguousarray(rows)[None, None], dropout=False)
+    column = spy.seen[0][0, 0, :, 0].numpy()
+    assert column.shape == (256,)
+    np.testing.assert_array_equal(column[:6], [30, 29, 28, 27, 26, 25])
+    np.testing.assert_array_equal(column[105:111], [3, 2, 1, 0, 1, 2])  # around row 0
+    np.testing.assert_array_equal(column[-6:], [14, 13, 12, 11, 10, 9])
+    np.testing.assert_array_equal(out[0], rows)
 
 
 def test_dropout_flag_and_seed(generator):

@@ -1,6 +1,7 @@
 """Atomic file writing: write to a temporary file beside the target, then rename.
 
-A crash or a kill never leaves a half-written output under the final name.
+A crash or a kill never leaves a half-written output under the final name. Also `plain`, the
+one converter of values to what JSON (and safe checkpoint loading) accepts.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 
 def _current_umask() -> int:
@@ -47,3 +51,19 @@ def atomic_write_bytes(target: str | Path, data: bytes) -> None:
 
 def atomic_write_text(target: str | Path, text: str) -> None:
     atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def plain(value: Any) -> Any:
+    """A JSON-plain copy: dict keys as strings, tuples as lists, numpy arrays and scalars as
+    Python lists and numbers, anything else (paths, enums) as its string."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

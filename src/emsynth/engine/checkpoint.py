@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from emsynth.errors import EmsynthError, input_error
-from emsynth.io import atomic_path
+from emsynth.io import atomic_path, plain
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FORMAT = 1
@@ -127,7 +127,7 @@ def capture_rng_state(batch_rng: np.random.Generator, device: torch.device) -> d
         "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
         "python": [py_version, list(py_internal), py_gauss],
         "numpy_global": _numpy_legacy_state(),
-        "batch": _plain(batch_rng.bit_generator.state),
+        "batch": plain(batch_rng.bit_generator.state),
     }
     return state
 
@@ -148,22 +148,6 @@ def restore_rng_state(
 def _numpy_legacy_state() -> list[Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return [str(kind), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars/arrays inside an RNG state dict -> Python ints/floats/lists."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-# --- inference weights (safetensors) -----------------------------------------------------------
 
 
 def save_weights(

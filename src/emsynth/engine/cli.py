@@ -6,7 +6,7 @@ Usage in a stage CLI (the stage config embeds `engine: EngineConfig`)::
     from emsynth.engine.trainer import train
 
     @app.command("train")
-    @train_options(default_config="configs/segment/default.yaml", default_run_dir="runs/segment")
+    @train_options(default_config="configs/segment/cpu.yaml", default_run_dir="runs/segment")
     def train_cmd(opts: TrainOptions, data: Path = typer.Option(..., help="Slice folder.")):
         \"\"\"Train the mitochondria U-Net.\"\"\"   # becomes the command's --help text
         cfg = opts.load(SegmentConfig)          # YAML, then --set, then the flags below

@@ -9,6 +9,7 @@ import platform
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -18,7 +19,9 @@ import torch
 import yaml
 
 import emsynth
-from emsynth.engine.device import cpu_capability, cpu_kind
+from emsynth.engine.config import EngineConfig
+from emsynth.engine.device import choose_precision, cpu_capability, cpu_kind
+from emsynth.engine.task import StepContext
 from emsynth.io import atomic_write_text
 
 RUN_JSON = "run.json"
@@ -95,3 +98,68 @@ def write_config_yaml(run_dir: Path, engine_config: dict, task_config: dict) -> 
 
 def command_line() -> list[str]:
     return list(sys.argv)
+
+
+#: What is kept of each earlier session when a run is resumed.
+SESSION_KEYS = ("started_at", "ended_at", "start_step", "end_step", "stop_reason", "status", "git",
+                "host")
+
+
+@dataclass
+class RunRecord:
+    """run.json of a run folder: opened when training starts (status "running"), closed when
+    the session ends ("finished", "stopped" or "failed"); earlier sessions of a resumed run are
+    kept under `sessions`."""
+
+    run_dir: Path
+    record: dict[str, Any]
+
+    @classmethod
+    def start(cls, run_dir: Path, task: Any, cfg: EngineConfig, task_config: dict[str, Any],
+              ctx: StepContext, started_at: str, resumed_from: Path | None,
+              start_step: int) -> RunRecord:
+        """Write config.yaml and the opening run.json."""
+        engine_config = cfg.model_dump(mode="json")
+        write_config_yaml(run_dir, engine_config, task_config)
+        previous = read_run_json(run_dir) if resumed_from is not None else None
+        sessions = list(previous.get("sessions", [])) if previous else []
+        if previous:
+            sessions.append({key: previous.get(key) for key in SESSION_KEYS})
+        record: dict[str, Any] = {
+            "task": f"{type(task).__module__}.{type(task).__qualname__}",
+            "status": "running",
+            "seed": cfg.seed,
+            "engine_config": engine_config,
+            "task_config": task_config,
+            "resolved": {"device": str(ctx.device), "precision": ctx.precision,
+                         "precision_reason": choose_precision(cfg.precision, ctx.device).reason,
+                         "cpu_capability": cpu_capability(), "cpu_kind": cpu_kind(),
+                         "num_threads": torch.get_num_threads(), "world_size": ctx.world_size},
+            "versions": versions(),
+            "git": git_state(),
+            "host": host_info(ctx.device),
+            "command": command_line(),
+            "started_at": started_at,
+            "ended_at": None,
+            "resumed_from": str(resumed_from) if resumed_from is not None else None,
+            "start_step": start_step,
+            "end_step": None,
+            "sessions": sessions,
+        }
+        opened = cls(run_dir, record)
+        opened.write()
+        return opened
+
+    def write(self) -> None:
+        write_run_json(self.run_dir, self.record)
+
+    def ended(self, stop_reason: str, step: int, result: dict[str, Any]) -> None:
+        self.record.update(status="finished" if stop_reason == "steps" else "stopped",
+                           stop_reason=stop_reason, ended_at=now_iso(), end_step=step,
+                           elapsed_s=result["elapsed_s"], final_metrics=result)
+        self.write()
+
+    def failed(self, err: BaseException, step: int) -> None:
+        self.record.update(status="failed", error=f"{type(err).__name__}: {err}",
+                           ended_at=now_iso(), end_step=step)
+        self.write()

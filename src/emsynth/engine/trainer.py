@@ -35,20 +35,16 @@ from emsynth.engine import checkpoint as ckpt
 from emsynth.engine import runinfo
 from emsynth.engine.config import EngineConfig
 from emsynth.engine.device import (
-    autocast_factory,
-    choose_precision,
-    cpu_capability,
-    cpu_kind,
     resolve_device,
-    resolve_precision,
     seed_everything,
     thread_count,
 )
-from emsynth.engine.distributed import Distributed, init_distributed, wrap_module
+from emsynth.engine.distributed import Distributed, init_distributed
 from emsynth.engine.metrics import METRICS_CSV, TENSORBOARD_DIR, MetricsLog
 from emsynth.engine.progress import format_duration
-from emsynth.engine.task import StepContext, Task
+from emsynth.engine.task import Task, step_context
 from emsynth.errors import EmsynthError
+from emsynth.io import plain
 
 IMAGES_DIR = "images"
 
@@ -158,23 +154,32 @@ def _first_difference(old: Any, new: Any, path: str = "") -> str | None:
     return None if old == new else f"{path or 'config'}: {old!r} -> {new!r}"
 
 
+class _LossWindow:
+    """The losses of the steps since the last metrics row, and when that window opened."""
+
+    def __init__(self, step: int) -> None:
+        self.losses: dict[str, list[float]] = {}
+        self.start = (step, time.monotonic())
+
+    def add(self, losses: dict[str, float]) -> None:
+        for name, value in losses.items():
+            self.losses.setdefault(name, []).append(value)
+
+    def close(self, step: int) -> tuple[dict[str, float], float]:
+        """Mean of each loss and steps per second over the window; a new window opens."""
+        means = {k: float(np.mean(v)) for k, v in self.losses.items()}
+        rate = (step - self.start[0]) / max(time.monotonic() - self.start[1], 1e-9)
+        self.losses, self.start = {}, (step, time.monotonic())
+        return means, rate
+
+
 class _Run:
     """State of one `train` call; split out of `train` to keep each phase readable."""
 
     def __init__(self, task: Task, cfg: EngineConfig, run_dir: Path, dist: Distributed):
         self.task, self.cfg, self.run_dir, self.dist = task, cfg, run_dir, dist
-        self.device = resolve_device(cfg.device, dist.local_rank)
-        self.precision = resolve_precision(cfg.precision, self.device)
-        self.ctx = StepContext(
-            device=self.device,
-            autocast=autocast_factory(self.device, self.precision),
-            wrap=lambda module, **options: wrap_module(
-                module, distributed=dist, device=self.device, **options
-            ),
-            rank=dist.rank,
-            world_size=dist.world_size,
-            precision=self.precision,
-        )
+        self.ctx = step_context(cfg, dist)
+        self.device, self.precision = self.ctx.device, self.ctx.precision
         self.is_main = dist.rank == 0
         self.step = 0
         self.elapsed_before = 0.0
@@ -196,7 +201,7 @@ class _Run:
         seed_everything(self.cfg.seed)
         self.task.setup(self.ctx)
         _check_task(self.task)
-        self.task_config = runinfo_json(self.task.task_config())
+        self.task_config = plain(self.task.task_config())
         # Each rank gets its own stream for dropout/noise; modules were built identically above.
         torch.manual_seed(self.cfg.seed + self.dist.rank)
         if self.is_main:
@@ -310,8 +315,7 @@ class _Run:
         cfg, task = self.cfg, self.task
         self.session_start = session_start = time.monotonic()
         start_step = self.step
-        window: dict[str, list[float]] = {}
-        window_start = (start_step, session_start)
+        window = _LossWindow(start_step)
         elapsed = self.elapsed
 
         def out_of_time() -> bool:
@@ -327,22 +331,11 @@ class _Run:
                 for scheduler in task.schedulers.values():
                     scheduler.step()
                 self.step += 1
-                for name, value in losses.items():
-                    window.setdefault(name, []).append(value)
+                window.add(losses)
 
                 now = elapsed()
                 if _due(self.step, cfg.log_every) or self.step == cfg.steps:
-                    self.train_metrics = {k: float(np.mean(v)) for k, v in window.items()}
-                    rate = (self.step - window_start[0]) / max(time.monotonic() - window_start[1],
-                                                               1e-9)
-                    row = {f"train/{k}": v for k, v in self.train_metrics.items()}
-                    row.update({f"lr/{n}": o.param_groups[0]["lr"]
-                                for n, o in task.optimizers.items()})
-                    row["perf/steps_per_s"] = rate
-                    if task.batch_size:
-                        row["perf/images_per_s"] = rate * task.batch_size * self.dist.world_size
-                    log.log(self.step, now, row)
-                    window, window_start = {}, (self.step, time.monotonic())
+                    self.log_train_metrics(log, window, now)
                 if _due(self.step, cfg.val_every):
                     self.validate(log, now)
                 if _due(self.step, cfg.image_every):
@@ -358,6 +351,35 @@ class _Run:
                 if stop_now and self.step < cfg.steps:
                     return f"signal:{stop.signal_name}" if stop.signal_name else "max_time"
         return "steps"
+
+    def log_train_metrics(self, log: MetricsLog, window: _LossWindow, elapsed: float) -> None:
+        """One metrics row: the window's mean losses, learning rates and speed."""
+        self.train_metrics, rate = window.close(self.step)
+        task = self.task
+        row = {f"train/{k}": v for k, v in self.train_metrics.items()}
+        row.update({f"lr/{n}": o.param_groups[0]["lr"] for n, o in task.optimizers.items()})
+        row["perf/steps_per_s"] = rate
+        if task.batch_size:
+            row["perf/images_per_s"] = rate * task.batch_size * self.dist.world_size
+        log.log(self.step, elapsed, row)
+
+    def finish(self, log: MetricsLog, start_step: int, stop_reason: str) -> None:
+        """End of the session: validation and images once more (unless a signal stopped the
+        run, which should end fast), and a checkpoint of the last step."""
+        if not stop_reason.startswith("signal"):
+            if self.last_val_step != self.step:
+                self.validate(log, self.elapsed())
+            if self.step > start_step and not _due(self.step, self.cfg.image_every):
+                self.log_images(log)
+        if self.last_saved_step != self.step:
+            self.save(self.elapsed())
+
+    def result(self, stop_reason: str) -> dict[str, Any]:
+        """What `train` returns: last window means, `val/` metrics, step, time, stop reason."""
+        result: dict[str, Any] = dict(self.train_metrics)
+        result.update({f"val/{k}": v for k, v in self.val_metrics.items()})
+        result.update(step=self.step, elapsed_s=self.elapsed(), stop_reason=stop_reason)
+        return result
 
     def _train_step(self, batch: Any) -> dict[str, float]:
         try:
@@ -407,53 +429,6 @@ class _Run:
         )
 
 
-def runinfo_json(value: Any) -> Any:
-    """Task config made JSON-plain (tuples -> lists, paths -> strings) for comparison/records."""
-    if isinstance(value, dict):
-        return {str(k): runinfo_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [runinfo_json(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def _start_record(run: _Run, started_at: str, resumed_from: Path | None) -> dict[str, Any]:
-    """Write config.yaml and the opening run.json (status "running"); return the record that
-    is completed at the end. Earlier sessions of a resumed run are kept under `sessions`."""
-    engine_config = run.cfg.model_dump(mode="json")
-    runinfo.write_config_yaml(run.run_dir, engine_config, run.task_config)
-    previous = runinfo.read_run_json(run.run_dir) if resumed_from is not None else None
-    sessions = list(previous.get("sessions", [])) if previous else []
-    if previous:
-        sessions.append({key: previous.get(key) for key in
-                         ("started_at", "ended_at", "start_step", "end_step", "stop_reason",
-                          "status", "git", "host")})
-    record: dict[str, Any] = {
-        "task": f"{type(run.task).__module__}.{type(run.task).__qualname__}",
-        "status": "running",
-        "seed": run.cfg.seed,
-        "engine_config": engine_config,
-        "task_config": run.task_config,
-        "resolved": {"device": str(run.device), "precision": run.precision,
-                     "precision_reason": choose_precision(run.cfg.precision, run.device).reason,
-                     "cpu_capability": cpu_capability(), "cpu_kind": cpu_kind(),
-                     "num_threads": torch.get_num_threads(), "world_size": run.dist.world_size},
-        "versions": runinfo.versions(),
-        "git": runinfo.git_state(),
-        "host": runinfo.host_info(run.device),
-        "command": runinfo.command_line(),
-        "started_at": started_at,
-        "ended_at": None,
-        "resumed_from": str(resumed_from) if resumed_from is not None else None,
-        "start_step": run.step,
-        "end_step": None,
-        "sessions": sessions,
-    }
-    runinfo.write_run_json(run.run_dir, record)
-    return record
-
-
 def train(
     task: Task, cfg: EngineConfig, run_dir: str | Path, resume: bool = True
 ) -> dict[str, Any]:
@@ -473,36 +448,24 @@ def train(
         with _torch_global_settings(cfg):
             run = _Run(task, cfg, run_dir, dist)
             resumed_from = run.setup(resume)
-            record = _start_record(run, started_at, resumed_from) if run.is_main else {}
+            record = runinfo.RunRecord.start(
+                run_dir, task, cfg, run.task_config, run.ctx, started_at, resumed_from, run.step,
+            ) if run.is_main else None
             log = MetricsLog(run_dir, run.step, enabled=run.is_main)
             start_step = run.step
             try:
                 with _StopRequest.installed() as stop:
                     stop_reason = run.loop(log, stop)
-                if not stop_reason.startswith("signal"):
-                    if run.last_val_step != run.step:
-                        run.validate(log, run.elapsed())
-                    if run.step > start_step and not _due(run.step, cfg.image_every):
-                        run.log_images(log)
-                if run.last_saved_step != run.step:
-                    run.save(run.elapsed())
+                run.finish(log, start_step, stop_reason)
             except BaseException as err:
-                if run.is_main:  # the last checkpoint is intact; say why this session ended
-                    record.update(status="failed", error=f"{type(err).__name__}: {err}",
-                                  ended_at=runinfo.now_iso(), end_step=run.step)
-                    runinfo.write_run_json(run_dir, record)
+                if record is not None:  # the last checkpoint is intact; say why it ended
+                    record.failed(err, run.step)
                 raise
             finally:
                 log.close()
-            result: dict[str, Any] = dict(run.train_metrics)
-            result.update({f"val/{k}": v for k, v in run.val_metrics.items()})
-            result.update(step=run.step, elapsed_s=run.elapsed(), stop_reason=stop_reason)
-            if run.is_main:
-                record.update(status="finished" if stop_reason == "steps" else "stopped",
-                              stop_reason=stop_reason, ended_at=runinfo.now_iso(),
-                              end_step=run.step, elapsed_s=result["elapsed_s"],
-                              final_metrics=result)
-                runinfo.write_run_json(run_dir, record)
+            result = run.result(stop_reason)
+            if record is not None:
+                record.ended(stop_reason, run.step, result)
             dist.barrier()
             return result
     finally:

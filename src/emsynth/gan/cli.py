@@ -103,7 +103,7 @@ def synthesize_cmd(
     from emsynth.data.writers import write_slice_folder
     from emsynth.engine.device import resolve_device
     from emsynth.gan.export import load_generator
-    from emsynth.synthesis.inference import synthesize_volume
+    from emsynth.gan.inference import synthesize_volume
     from emsynth.synthesis.masks import phantom_masks
 
     if (masks is None) == (phantom is None):
@@ -241,7 +241,7 @@ def figure_cmd(
     from emsynth.engine.device import resolve_device
     from emsynth.gan.export import load_generator
     from emsynth.gan.figures import comparison_figure
-    from emsynth.synthesis.inference import synthesize_volume
+    from emsynth.gan.inference import synthesize_volume
 
     if out_path.suffix.lower() != ".png":
         raise EmsynthError(f"{out_path}: the figure is written as PNG. Fix: end --out in .png")

@@ -11,18 +11,10 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from emsynth.config import StrictModel
+from emsynth.data.phantom.config import PhantomConfig
 from emsynth.data.volume import LABEL_NAMES, MEMBRANE, MITO
 from emsynth.engine.config import EngineConfig
 from emsynth.gan.networks import SIDE_MULTIPLE
-
-
-class PhantomDataConfig(StrictModel):
-    """The procedural phantom used when no dataset path is given (demos, tests)."""
-
-    domain: str = Field("vnc", description='Phantom preset: "vnc" or "ca1".')
-    slices: int = Field(8, ge=2, description="Slices to generate.")
-    size: int = Field(512, ge=SIDE_MULTIPLE, description="Slice side in pixels.")
-    seed: int = Field(0, ge=0)
 
 
 class GanDataConfig(StrictModel):
@@ -32,7 +24,10 @@ class GanDataConfig(StrictModel):
         "empty = the phantom below.",
     )
     layout: str = Field("auto", description="Layout of every path (auto = detect).")
-    phantom: PhantomDataConfig = PhantomDataConfig()
+    phantom: PhantomConfig = Field(
+        PhantomConfig(domain="vnc", slices=8, size=512, seed=0),
+        description="The generated volume trained on when `paths` is empty (demos, tests).",
+    )
     channels: list[str] = Field(
         default_factory=lambda: [MITO, MEMBRANE],
         description='Conditioning masks in channel order; ["mito"] for the ablation.',

@@ -33,11 +33,11 @@ from torch import nn
 from emsynth.data.volume import MITO, Volume
 from emsynth.errors import input_error
 from emsynth.gan.export import load_generator
+from emsynth.gan.inference import synthesize_volume
 from emsynth.segment.infer import predict_with
 from emsynth.segment.metrics import counts
 from emsynth.segment.model import Segmenter, to_float
 from emsynth.segment.sampling import segment_data
-from emsynth.synthesis.inference import synthesize_volume
 
 #: PSNR of identical images is infinite; this cap keeps means and JSON finite.
 PSNR_CAP_DB = 100.0

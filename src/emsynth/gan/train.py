@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from emsynth.data.phantom import generate_volume
 from emsynth.data.readers import read_volume
 from emsynth.data.slices import split_blocks
 from emsynth.data.volume import Volume
@@ -22,8 +21,7 @@ def load_volumes(cfg: GanConfig) -> list[Volume]:
     data = cfg.data
     if data.paths:
         return [read_volume(path, data.layout) for path in data.paths]
-    p = data.phantom
-    return [generate_volume(p.domain, p.slices, (p.size, p.size), p.seed)]
+    return [data.phantom.generate()]
 
 
 def split_volumes(volumes: list[Volume], val_block: int) -> tuple[list[Volume], list[Volume]]:

@@ -41,7 +41,8 @@ def train_cmd(
     layout: LayoutOpt = "auto",
     phantom: Annotated[
         str | None,
-        typer.Option("--phantom", help="Train on a generated phantom domain (vnc or ca1) instead."),
+        typer.Option("--phantom", help="Train on a generated phantom volume of this domain (vnc "
+                     "or ca1) instead; its size: config data.phantom (default 20 slices of 512^2)."),
     ] = None,
     add_slices: Annotated[
         Path | None,
@@ -88,7 +89,7 @@ def train_cmd(
 
     overrides = []
     for key, value in (("path", data), ("layout", layout if data else None),
-                       ("phantom", phantom), ("extra_path", add_slices),
+                       ("phantom.domain", phantom), ("extra_path", add_slices),
                        ("extra_mito", extra_mito), ("train_slices", train_slices),
                        ("val_slices", val_slices)):
         if value is not None:

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from emsynth.config import StrictModel
+from emsynth.data.phantom.config import PhantomConfig
 from emsynth.engine.config import EngineConfig
 from emsynth.segment.config import (
     AugmentConfig,
@@ -47,12 +48,11 @@ class MembraneDataConfig(StrictModel):
         description="Training dataset with membrane and mitochondria labels (any layout).",
     )
     layout: str = Field("auto", description="read_volume layout of `path`.")
-    phantom: Literal["vnc", "ca1"] | None = Field(
-        None, description="Train on this phantom domain instead of `path`."
+    phantom: PhantomConfig | None = Field(
+        None,
+        description="Train on this generated phantom volume instead of `path`, e.g. "
+        "{domain: vnc, slices: 20, size: 256, seed: 0}.",
     )
-    phantom_slices: int = Field(20, ge=2, description="Phantom volume depth.")
-    phantom_size: int = Field(512, ge=32, description="Phantom slice side in pixels.")
-    phantom_seed: int = Field(0, ge=0)
     train_slices: str = Field("0-15", description='Training slices of `path`, e.g. "0-15".')
     val_slices: str = Field("16-19", description="Held-out contiguous block: threshold choice.")
     extra_path: str | None = Field(

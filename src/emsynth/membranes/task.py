@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from emsynth.data.phantom import generate_volume
 from emsynth.data.readers import read_volume
 from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.errors import EmsynthError
@@ -89,8 +88,7 @@ def load_training_volume(cfg: MembraneConfig) -> Volume:
     """The labelled training volume: a phantom domain or the dataset at cfg.data.path."""
     d = cfg.data
     if d.phantom is not None:
-        size = (d.phantom_size, d.phantom_size)
-        return generate_volume(d.phantom, d.phantom_slices, size, seed=d.phantom_seed)
+        return d.phantom.generate()
     volume = read_volume(d.path, d.layout)
     missing = [name for name in (MITO, MEMBRANE) if name not in volume.labels]
     if missing:

@@ -10,7 +10,7 @@ from typing import Any
 
 from emsynth.errors import input_error
 from emsynth.report.stats import Summary, paired_difference, summarize
-from emsynth.study_format import (
+from emsynth.study.layout import (
     CELLS_DIR,
     DONE,
     FORMAT,

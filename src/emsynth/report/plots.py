@@ -13,7 +13,7 @@ from PIL import Image
 from emsynth.data.figures import overlay
 from emsynth.data.volume import MEMBRANE, MITO
 from emsynth.report.collect import METRIC_NAMES, StudyResults
-from emsynth.study_format import MIXED, REAL, SYNTHETIC
+from emsynth.study.layout import MIXED, REAL, SYNTHETIC
 
 COLOURS = {REAL: "#1f77b4", MIXED: "#d62728", SYNTHETIC: "#2ca02c"}
 MARKERS = {REAL: "o", MIXED: "s", SYNTHETIC: "^"}

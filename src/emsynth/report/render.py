@@ -17,7 +17,7 @@ from emsynth.engine.progress import format_duration
 from emsynth.io import atomic_write_bytes, atomic_write_text
 from emsynth.report import plots
 from emsynth.report.collect import METRIC_NAMES, StudyResults
-from emsynth.study_format import (
+from emsynth.study.layout import (
     CELLS_DIR,
     MIXED,
     PREVIEW,

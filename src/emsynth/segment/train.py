@@ -124,10 +124,10 @@ def fit_task(
         rule = "restored from the checkpoint"
     info = {**(meta or {}), "threshold_rule": rule, "final_validation": final}
     task.segmenter(info).save(model_dir)
-    record = {"final": final, "threshold": task.threshold, "engine": _plain(result)}
+    record = {"final": final, "threshold": task.threshold, "engine": _scalars(result)}
     atomic_write_text(run_dir / FINAL_METRICS, json.dumps(record, indent=2))
     return {**result, "final": final, "threshold": task.threshold, "threshold_rule": rule}
 
 
-def _plain(result: dict[str, Any]) -> dict[str, Any]:
+def _scalars(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if isinstance(v, (int, float, str))}

@@ -22,16 +22,12 @@ import numpy as np
 
 from emsynth.engine import runinfo
 from emsynth.engine.checkpoint import CHECKPOINT_DIR
-from emsynth.io import atomic_write_text
-from emsynth.study_format import (  # noqa: F401 - the folder layout, re-exported
+from emsynth.io import atomic_write_text, plain
+from emsynth.study.layout import (
     CELLS_DIR,
     DONE,
-    FORMAT,
-    PREVIEWS_DIR,
     RECORD,
     RESULT,
-    STUDY_JSON,
-    STUDY_YAML,
 )
 
 
@@ -39,18 +35,6 @@ def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace; tuples become lists, paths strings."""
     return json.dumps(plain(value), sort_keys=True, separators=(",", ":"),
                       ensure_ascii=True, allow_nan=False)
-
-
-def plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def sha256_text(text: str) -> str:

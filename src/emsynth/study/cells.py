@@ -42,8 +42,8 @@ from emsynth.segment.task import SegmentTask
 from emsynth.segment.train import fit_task
 from emsynth.study import data as study_data
 from emsynth.study.cache import Cell, hash_arrays
-from emsynth.study.config import MIXED, REAL, SYNTHETIC, StudyConfig
-from emsynth.study_format import PREVIEW, REAL_PREVIEW, load_preview, save_preview  # noqa: F401
+from emsynth.study.config import StudyConfig
+from emsynth.study.layout import MIXED, PREVIEW, REAL, REAL_PREVIEW, SYNTHETIC, save_preview
 
 GAN_RUN = "gan"
 SYNTHETIC_DIR = "synthetic"
@@ -168,9 +168,9 @@ def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch
     """Train the GAN on `real` alone (its conditioning labels included), then synthesise
     `cfg.synthesis.count` images from deformed real masks or procedural masks."""
     from emsynth.gan.export import load_generator
+    from emsynth.gan.inference import synthesize_volume
     from emsynth.gan.train import train_gan
     from emsynth.synthesis import masks as mask_sources
-    from emsynth.synthesis.inference import synthesize_volume
 
     gan_cfg = cfg.gan_config()
     gan_cfg = gan_cfg.model_copy(update={"engine": gan_cfg.engine.model_copy(

@@ -83,7 +83,7 @@ def run_cmd(
     if test_data is not None:
         extra += [f"test.source={json.dumps(str(test_data))}",
                   f"test.layout={json.dumps(test_layout)}",
-                  f"test.mask_dir={json.dumps(test_mask_dir)}"]
+                  f"test.mask_dir={json.dumps(test_mask_dir)}", "test.phantom=null"]
     cfg = load_config(StudyConfig, config, extra)
     folder = study_dir or Path("runs") / "study" / config.stem
     run_study(cfg, folder, resume=resume, console=console)

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from emsynth.config import StrictModel
+from emsynth.data.phantom.config import PhantomConfig
 from emsynth.gan.config import GanConfig, GanDataConfig
 from emsynth.segment.config import (
     DataConfig,
@@ -26,32 +27,38 @@ from emsynth.segment.config import (
     SegmentConfig,
     WarpConfig,
 )
-from emsynth.study_format import CONDITIONS, MIXED, REAL, SYNTHETIC  # noqa: F401
+from emsynth.study.layout import CONDITIONS, REAL
 
-#: Prefix of a data source that is generated, not read: "phantom:ca1", "phantom:vnc".
-PHANTOM_PREFIX = "phantom:"
 Condition = Literal["real", "real+synthetic", "synthetic"]
 
 
 class SourceConfig(StrictModel):
-    """An annotated volume: a phantom domain generated on the fly, or a dataset on disk."""
+    """An annotated volume: a dataset on disk (`source`) or a generated phantom (`phantom`)."""
 
-    source: str = Field(
-        description='"phantom:<domain>" (ca1 or vnc) or a dataset path read with '
-        "emsynth.data.readers.read_volume (relative paths: from the working directory, "
-        "else from the repository root)."
+    source: str | None = Field(
+        None,
+        description="Dataset path read with emsynth.data.readers.read_volume (relative paths: "
+        "from the working directory, else from the repository root).",
     )
-    layout: str = Field("auto", description="read_volume layout of a path source.")
+    layout: str = Field("auto", description="read_volume layout of `source`.")
     mask_dir: str | None = Field(
         None, description="Mask folder beside images/ (e.g. masks_epfl); None = the layout's."
     )
-    phantom_slices: int = Field(40, ge=1, description="Depth of a phantom source.")
-    phantom_size: int = Field(256, ge=32, description="Slice side of a phantom source (px).")
-    phantom_seed: int = Field(0, ge=0, description="Seed of a phantom source.")
+    phantom: PhantomConfig | None = Field(
+        None,
+        description="Instead of `source`: a generated phantom volume, e.g. "
+        "{domain: ca1, slices: 40, size: 256, seed: 0}.",
+    )
 
-    @property
-    def is_phantom(self) -> bool:
-        return self.source.startswith(PHANTOM_PREFIX)
+    @model_validator(mode="after")
+    def _one_source(self) -> SourceConfig:
+        if self.source is not None and self.source.startswith("phantom:"):
+            raise ValueError(f"source {self.source!r}: a phantom is written as phantom: "
+                             f"{{domain: {self.source.split(':', 1)[1]}, slices: ..., size: ..., "
+                             "seed: ...}")
+        if (self.source is None) == (self.phantom is None):
+            raise ValueError("give exactly one of source (a dataset path) and phantom")
+        return self
 
 
 class SplitConfig(StrictModel):

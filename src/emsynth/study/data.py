@@ -11,13 +11,12 @@ from pathlib import Path
 import numpy as np
 
 import emsynth
-from emsynth.data.phantom import generate_volume, get_domain
 from emsynth.data.readers import read_volume
 from emsynth.data.slices import split_blocks
 from emsynth.data.volume import MITO, Volume
 from emsynth.errors import EmsynthError, input_error
 from emsynth.study.cache import hash_arrays
-from emsynth.study.config import PHANTOM_PREFIX, RegimeConfig, SourceConfig, StudyConfig
+from emsynth.study.config import RegimeConfig, SourceConfig, StudyConfig
 
 #: Random crop positions tried per slice before keeping the one with most mitochondria.
 CROP_TRIES = 100
@@ -54,21 +53,16 @@ class Source:
 
 def load_source(cfg: SourceConfig, what: str = "data") -> Source:
     """Generate a phantom source or read a dataset; it must hold mitochondria labels."""
-    if cfg.is_phantom:
-        domain = cfg.source[len(PHANTOM_PREFIX):]
-        get_domain(domain)  # unknown names fail here with the list of domains
-        size = (cfg.phantom_size, cfg.phantom_size)
-        volume = generate_volume(domain, cfg.phantom_slices, size, cfg.phantom_seed)
-        description = (f"phantom {domain}: {cfg.phantom_slices} slices of {cfg.phantom_size}^2 px,"
-                       f" seed {cfg.phantom_seed}")
+    if cfg.phantom is not None:
+        volume, description = cfg.phantom.generate(), cfg.phantom.describe()
     else:
         path = resolve_path(cfg.source, f"{what} source",
-                            f"set {what}.source to a dataset folder or phantom:ca1")
+                            f"set {what}.source to a dataset folder, or {what}.phantom")
         volume = read_volume(path, cfg.layout, mask_dir=cfg.mask_dir)
         description = f"{path} ({cfg.layout} layout): {len(volume)} slices of " \
                       f"{volume.shape[1]}x{volume.shape[2]} px"
     if MITO not in volume.labels:
-        raise input_error(cfg.source, "has no mitochondria labels to train and score on",
+        raise input_error(cfg.source or description, "has no mitochondria labels to train and score on",
                           "pass a dataset with mitochondria masks (masks/ folder)")
     labels = [volume.labels[name] for name in sorted(volume.labels)]
     return Source(volume, hash_arrays(volume.image, *labels), description)

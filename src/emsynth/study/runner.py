@@ -26,25 +26,28 @@ from emsynth.engine import runinfo
 from emsynth.engine.device import resolve_precision
 from emsynth.engine.progress import format_duration
 from emsynth.errors import EmsynthError
-from emsynth.io import atomic_write_text
+from emsynth.io import atomic_write_text, plain
 from emsynth.segment.sampling import IMAGE, segment_data
 from emsynth.study import cells
 from emsynth.study import data as study_data
 from emsynth.study.cache import (
-    CELLS_DIR,
-    FORMAT,
-    PREVIEWS_DIR,
-    STUDY_JSON,
-    STUDY_YAML,
     Cell,
     CellSpec,
     canonical_json,
     hash_arrays,
     hash_files,
-    plain,
     sha256_text,
 )
-from emsynth.study.config import REAL, StudyConfig
+from emsynth.study.config import StudyConfig
+from emsynth.study.layout import (
+    CELLS_DIR,
+    FORMAT,
+    PREVIEWS_DIR,
+    REAL,
+    STUDY_JSON,
+    STUDY_YAML,
+    save_preview,
+)
 
 #: Bump when what a kind of cell computes changes, so old results are not reused.
 CELL_VERSIONS = {"membrane-model": 1, "gan": 1, "segment": 1, "eval": 1}
@@ -327,7 +330,7 @@ def write_real_previews(state: StudyState) -> None:
     for regime in state.cfg.regimes:
         path = state.study_dir / PREVIEWS_DIR / f"real_{regime.name}.npz"
         volume = study_data.cut(state.source.volume, state.selections[(regime.name, seed)])
-        cells.save_preview(path, **cells.preview_of(volume, channels))
+        save_preview(path, **cells.preview_of(volume, channels))
 
 
 # --- running ---------------------------------------------------------------------------------

@@ -1,6 +1,2 @@
-"""Stage: synthetic EM volumes from masks with a trained GAN generator (whole slices, one pass)."""
-
-from emsynth.gan.export import load_generator
-from emsynth.synthesis.inference import synthesize_volume
-
-__all__ = ["load_generator", "synthesize_volume"]
+"""Stage: mask layouts for synthetic image/mask pairs (real, deformed, procedural), which a
+trained generator (`emsynth.gan.inference`) turns into EM images."""
