@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -20,6 +19,7 @@ from emsynth.data.figures import default_slices, save_slice_figure
 from emsynth.data.phantom import generate_volume
 from emsynth.data.readers import read_volume, volume_stats
 from emsynth.data.writers import write_slice_folder
+from emsynth.engine.device import torch_threads
 from emsynth.errors import EmsynthError
 
 PHANTOM_DOMAINS = ("vnc", "ca1")
@@ -112,15 +112,11 @@ def run_demo(out_dir: Path, seed: int = 0) -> None:
     console = Console()
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and robust on a busy machine
-    try:
+    with torch_threads(1):
         console.rule("[bold]emsynth demo 1/3: phantom data")
         write_phantoms(out_dir, n_slices=4, size=512, seed=seed, console=console)
         console.rule("[bold]emsynth demo 2/3: membrane transfer between phantom domains")
         membrane_transfer(out_dir, seed, console)
         console.rule("[bold]emsynth demo 3/3: GAN, synthesis, study, report")
         run_study_demo(out_dir, seed, console)
-    finally:
-        torch.set_num_threads(threads)
     console.print(f"demo finished in {time.perf_counter() - start:.0f} s; outputs in {out_dir}")

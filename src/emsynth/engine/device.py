@@ -160,20 +160,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: The thread count `torch_threads` set for the work inside it (a study, the demo), which
+#: engine runs without their own `num_threads` follow; None = every usable core.
+_scoped_threads: int | None = None
+
+
 def thread_count(requested: int | None) -> int:
-    """The torch thread count for a run: as asked, or every core this process may use."""
-    return requested or usable_cores()
+    """The torch thread count for a run: as asked, else what the enclosing `torch_threads`
+    set, else every core this process may use (measured faster than one thread for every
+    preset's model on a quiet 2-core machine of either CPU kind: benchmarks/threads.py)."""
+    return requested or _scoped_threads or usable_cores()
 
 
 @contextlib.contextmanager
 def torch_threads(num_threads: int | None):
-    """Run with `num_threads` torch threads (None = every usable core); restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(thread_count(num_threads))
+    """Run with `num_threads` torch threads (None: see `thread_count`), also for the engine
+    runs inside that set none of their own; restore both after."""
+    global _scoped_threads
+    before = (torch.get_num_threads(), _scoped_threads)
+    count = thread_count(num_threads)
+    torch.set_num_threads(count)
+    _scoped_threads = count
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(before[0])
+        _scoped_threads = before[1]
 
 
 # --- quick measurements ---------------------------------------------------------------------

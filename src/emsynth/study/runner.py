@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from emsynth.config import dump_config
 from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.engine import runinfo
-from emsynth.engine.device import resolve_precision
+from emsynth.engine.device import resolve_precision, torch_threads
 from emsynth.engine.progress import format_duration
 from emsynth.errors import EmsynthError
 from emsynth.io import atomic_write_text, plain
@@ -353,13 +352,8 @@ def prepare(cfg: StudyConfig, study_dir: Path) -> StudyState:
 def run_study(cfg: StudyConfig, study_dir: str | Path, resume: bool = True,
               console: Console | None = None) -> dict[str, Any]:
     """Run every unfinished cell; returns the study index (study.json)."""
-    threads = torch.get_num_threads()
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
-    try:
+    with torch_threads(cfg.num_threads):
         return _run(cfg, Path(study_dir), resume, console or wide_console())
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console) -> dict[str, Any]:
