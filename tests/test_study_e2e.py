@@ -8,6 +8,7 @@ import json
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import torch
 import yaml
 from tiny import unet_micro
 from typer.testing import CliRunner
@@ -120,6 +121,16 @@ def test_tiny_study_end_to_end(tmp_path, counted):
             assert scores["dice"] == pytest.approx(2 * tp / (t + p))
     assert "foreground IoU" in result.output and "1slice" in result.output  # headline table
     assert (study / "report.html").is_file() and (study / "figures" / "data_1slice.png").is_file()
+    # The provenance names the machine and the precision each kind of cell resolved to.
+    from emsynth.engine.device import choose_precision, cpu_kind
+
+    compute = index["compute"]
+    assert compute["cpu"] == cpu_kind()
+    gan_precision = choose_precision(e2e_config()["gan"]["engine"]["precision"],
+                                     torch.device("cpu")).precision
+    assert compute["gan_precision"].startswith(gan_precision)
+    report_md = (study / "report.md").read_text()
+    assert f"| machine | {cpu_kind()}" in report_md and "precision, segmenter cells" in report_md
 
     # Re-running trains nothing; a new synthesis setting redoes the GAN cell and everything
     # that used its images, but not the real-only segmenter.

@@ -151,9 +151,21 @@ def provenance_table(results: StudyResults) -> TableData:
         ["git commit (study run)", commit],
         ["git commits of the cells", ", ".join(c[:12] for c in commits) or "none"],
         ["versions", ", ".join(f"{k} {v}" for k, v in index.get("versions", {}).items())],
+        *_compute_rows(index.get("compute")),
         ["command", " ".join(index.get("command", []))],
     ]
     return TableData("Study run", ["", ""], rows)
+
+
+def _compute_rows(compute: dict | None) -> list[list[str]]:
+    """CPU kind, threads and resolved precisions of the (latest) study run, where recorded."""
+    if not compute:
+        return [["machine", "not recorded (a study run before precision was recorded)"]]
+    return [
+        ["machine", f"{compute['cpu']}; {compute['threads']} torch threads"],
+        ["precision, GAN cells", compute["gan_precision"]],
+        ["precision, segmenter cells", compute["segment_precision"]],
+    ]
 
 
 def regime_table(results: StudyResults) -> TableData:

@@ -22,7 +22,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from emsynth.config import dump_config
 from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.engine import runinfo
-from emsynth.engine.device import resolve_precision, torch_threads
+from emsynth.engine.device import (
+    choose_precision,
+    cpu_capability,
+    cpu_kind,
+    resolve_precision,
+    thread_count,
+    torch_threads,
+)
 from emsynth.engine.progress import format_duration
 from emsynth.errors import EmsynthError
 from emsynth.io import atomic_write_text, plain
@@ -41,6 +48,7 @@ from emsynth.study.config import StudyConfig
 from emsynth.study.layout import (
     CELLS_DIR,
     FORMAT,
+    MIXED,
     PREVIEWS_DIR,
     REAL,
     STUDY_JSON,
@@ -203,6 +211,29 @@ def _regime_volume(state: StudyState, regime, seed: int, with_membranes: bool) -
     return study_data.cut(trimmed, selection, extra)
 
 
+#: SynthesisConfig fields added after the first studies ran, with the values that reproduce
+#: them: left out of the GAN cell's key while at these values, so earlier results stay valid.
+_NEW_SYNTHESIS_FIELDS = {"remodel_spacing": 20, "remodel_jitter": 4.0, "remodel_scale": 0.2,
+                         "count_per_slice": None}
+
+
+def synthesis_settings(cfg: StudyConfig) -> dict[str, Any]:
+    dumped = cfg.synthesis.model_dump(mode="json")
+    return {k: v for k, v in dumped.items()
+            if k not in _NEW_SYNTHESIS_FIELDS or v != _NEW_SYNTHESIS_FIELDS[k]}
+
+
+def variant_name(layout: str, strategy: str, share: float) -> str:
+    """An ablation variant's label: layout/strategy, with the share where it applies."""
+    return f"{layout}/{strategy}" + ("" if strategy == "pretrain" else f" {share:g}")
+
+
+def plan_cells(cfg: StudyConfig, study_dir: str | Path) -> list[Planned]:
+    """Load the data and plan every cell without running any (a preset's smoke test: its
+    cells, their kinds and labels)."""
+    return plan_study(prepare(cfg, Path(study_dir)))
+
+
 def plan_study(state: StudyState) -> list[Planned]:
     cfg, study_dir = state.cfg, state.study_dir
     planned: list[Planned] = []
@@ -231,6 +262,7 @@ def plan_study(state: StudyState) -> list[Planned]:
             labels = {"regime": regime.name, "seed": seed, "pixels": selection.pixels(shape)}
 
             gan_cell = None
+            layouts = cfg.layouts(regime.name)
             if cfg.uses_synthetic:
                 inputs = {"real": real_key}
                 if with_membranes:
@@ -238,40 +270,66 @@ def plan_study(state: StudyState) -> list[Planned]:
                         hash_arrays(real.labels[MEMBRANE]) if state.membrane_identity is None
                         else sha256_text(canonical_json({**state.membrane_identity,
                                                          "selection": selection.as_dict()})))
-                spec = CellSpec("gan", CELL_VERSIONS["gan"], {
-                    "gan": gan_cfg.model_dump(mode="json"),
-                    "synthesis": cfg.synthesis.model_dump(mode="json"),
-                    "seed": seed}, inputs, labels)
+                gan_settings = {"gan": gan_cfg.model_dump(mode="json"),
+                                "synthesis": synthesis_settings(cfg), "seed": seed}
+                if len(layouts) > 1:
+                    gan_settings["layouts"] = layouts
+                spec = CellSpec("gan", CELL_VERSIONS["gan"], gan_settings, inputs, labels)
                 gan_cell = Cell(study_dir, spec)
 
-                def gan_work(cell=gan_cell, regime=regime, seed=seed):
+                def gan_work(cell=gan_cell, regime=regime, seed=seed, layouts=layouts):
                     real_data = _regime_volume(state, regime, seed, with_membranes)
                     return cells.run_gan(cell, cfg, real_data, seed,
-                                         cells.inference_device(cfg.gan.engine))
+                                         cells.inference_device(cfg.gan.engine), layouts)
 
                 planned.append(Planned(gan_cell, gan_work, gan_cfg.engine.max_time))
 
-            seg_settings = cells.segment_config(cfg, seed).model_dump(mode="json", exclude={"data"})
-            for condition in cfg.conditions:
+            seg_settings = cells.segment_config(cfg, seed, regime.steps).model_dump(
+                mode="json", exclude={"data"})
+            variants = [(condition, None) for condition in cfg.conditions]
+            if cfg.ablation is not None and regime.name in cfg.ablation.regimes:
+                a = cfg.ablation
+                variants += [(MIXED, (layout, strategy, a.synthetic_share))
+                             for layout in a.layouts for strategy in a.strategies]
+            seen: set[str] = set()
+            for condition, variant in variants:
+                layout, strategy, share = variant or (layouts[0], cfg.mix.strategy,
+                                                      cfg.mix.synthetic_share)
+                layout = "deformed" if layout == "real" else layout
                 inputs = {"val": val_key}
                 if condition != "synthetic":
                     inputs["real"] = real_key
                 if condition != REAL:
                     inputs["gan"] = gan_cell.spec.key
                 settings = {"segment": seg_settings, "condition": condition}
-                if condition == "real+synthetic":
-                    settings["synthetic_share"] = cfg.mix.synthetic_share
+                if condition != REAL and layout != layouts[0]:
+                    settings["layout"] = layout
+                if condition == MIXED:
+                    if strategy != "pretrain":
+                        settings["synthetic_share"] = share
+                    if strategy != "replace":  # replace: the keys of earlier studies
+                        settings["strategy"] = strategy
+                    if strategy == "pretrain":
+                        settings["pretrain_steps"] = cfg.mix.pretrain_steps
                 seg_labels = {**labels, "condition": condition}
+                if variant is not None:
+                    seg_labels["variant"] = variant_name(layout, strategy, share)
                 seg_cell = Cell(study_dir, CellSpec("segment", CELL_VERSIONS["segment"],
                                                     settings, inputs, seg_labels))
+                if seg_cell.spec.key in seen:  # an ablation variant that is the main recipe
+                    continue
+                seen.add(seg_cell.spec.key)
+                folder = cells.synthetic_dir(layout, layouts[0])
 
                 def seg_work(cell=seg_cell, condition=condition, seed=seed, regime=regime,
-                             gan_cell=gan_cell):
+                             gan_cell=gan_cell, folder=folder, strategy=strategy, share=share):
                     real_data = segment_data(_regime_volume(state, regime, seed, False),
                                              [IMAGE], MITO)
-                    synthetic = cells.synthetic_data(gan_cell) if condition != REAL else None
+                    synthetic = (cells.synthetic_data(gan_cell, folder) if condition != REAL
+                                 else None)
                     return cells.run_segment(cell, cfg, condition, seed, real_data, synthetic,
-                                             val_data())
+                                             val_data(), steps=regime.steps,
+                                             strategy=strategy, share=share)
 
                 planned.append(Planned(seg_cell, seg_work, cfg.segment.engine.max_time))
                 eval_cell = Cell(study_dir, CellSpec(
@@ -316,10 +374,22 @@ def write_index(state: StudyState, planned: list[Planned], status: str,
         "versions": runinfo.versions(),
         "git": runinfo.git_state(),
         "command": runinfo.command_line(),
+        "compute": compute_record(cfg),
     }
     atomic_write_text(state.study_dir / STUDY_JSON, json.dumps(plain(index), indent=2) + "\n")
     atomic_write_text(state.study_dir / STUDY_YAML, dump_config(cfg))
     return index
+
+
+def compute_record(cfg: StudyConfig) -> dict[str, Any]:
+    """Where this invocation runs its cells: CPU kind, threads and the precision each kind of
+    cell resolves to here (a study resumed elsewhere records the newest machine)."""
+    record: dict[str, Any] = {"cpu": cpu_kind(), "cpu_capability": cpu_capability(),
+                              "threads": thread_count(cfg.num_threads)}
+    for name, engine in (("gan", cfg.gan.engine), ("segment", cfg.segment.engine)):
+        choice = choose_precision(engine.precision, cells.inference_device(engine))
+        record[f"{name}_precision"] = f"{choice.precision} ({engine.precision}: {choice.reason})"
+    return record
 
 
 def write_real_previews(state: StudyState) -> None:
