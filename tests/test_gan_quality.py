@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 from monai.networks.nets import BasicUNet, UNet
 from tiny import GAN_TINY, GAN_TRAIN_ONLY, SEGMENT_TINY
 from torch import nn
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from emsynth.cli import app
 from emsynth.config import load_config
 from emsynth.data.phantom import generate_volume
+from emsynth.data.volume import Volume
 from emsynth.data.writers import write_slice_folder
 from emsynth.errors import EmsynthError
 from emsynth.gan.config import GanConfig
@@ -26,8 +28,14 @@ from emsynth.gan.quality import (
     frechet_distance,
     grey_level_distance,
     kernel_inception_distance,
+    local_std_distance,
     random_crops,
+    spectrum_distance,
     ssim_psnr,
+    texture_regions,
+    texture_scores,
+    tstr,
+    tstr_split,
 )
 from emsynth.gan.train import train_gan
 from emsynth.segment.config import SegmentConfig
@@ -163,6 +171,54 @@ def test_random_crops_are_seeded_and_inside():
     assert not np.array_equal(a, random_crops(stack, 5, 4, seed=2))
 
 
+def _blurred_and_cartoon(volume):
+    """The same volume's images blurred (sigma 3) and flat-filled per class (the "cartoon" a
+    textureless generator draws: each class at its mean grey)."""
+    from scipy import ndimage
+
+    blurred = np.stack([ndimage.gaussian_filter(s.astype(float), 3) for s in volume.image])
+    cartoon = np.zeros(volume.shape)
+    mito, membrane = volume.labels["mito"], volume.labels["membrane"]
+    for region in (mito, membrane & ~mito, ~(mito | membrane)):
+        cartoon[region] = volume.image[region].mean()
+    return np.rint(blurred).astype(np.uint8), np.rint(cartoon).astype(np.uint8)
+
+
+def test_texture_statistics_fail_flat_and_blurred_images():
+    real = generate_volume("vnc", 2, (256, 256), seed=3)
+    rng = np.random.default_rng(0)
+    # A textured stand-in for a good generator: the real slice with a little fresh noise.
+    textured = np.clip(real.image + rng.normal(0, 3, real.shape), 0, 255).astype(np.uint8)
+    blurred, cartoon = _blurred_and_cartoon(real)
+    assert spectrum_distance(real.image, real.image.copy()) == 0
+    regions = texture_regions(real)
+    assert regions["mito"].any() and regions["cytoplasm"].any()
+    assert not (regions["mito"] & real.labels["membrane"]).any()
+    good = texture_scores(real, textured, crops=8, crop_size=128)
+    for flat in (blurred, cartoon):
+        bad = texture_scores(real, flat, crops=8, crop_size=128)
+        for key in ("spectrum_distance", "local_std_w1_cytoplasm", "local_std_w1_mito"):
+            assert bad[key] > 2 * good[key], (key, bad[key], good[key])
+    assert local_std_distance(real.image, real.image, regions["mito"]) == 0
+    assert math.isnan(local_std_distance(real.image, real.image, np.zeros(real.shape, bool)))
+
+
+def test_tstr_split_and_a_tiny_run(tmp_path):
+    assert tstr_split(1) == ([0], [0]) and tstr_split(5) == ([0, 1, 2], [3, 4])
+    volume = generate_volume("vnc", 4, (192, 192), seed=3)
+    _, cartoon = _blurred_and_cartoon(volume)
+    synthetic = Volume(cartoon, {k: v.copy() for k, v in volume.labels.items()})
+    recipe = load_config(SegmentConfig, None, [*SEGMENT_TINY, "engine.num_threads=1"])
+    scores = tstr(volume, synthetic, 3, recipe, work_dir=tmp_path / "tstr")
+    assert scores["tstr_steps"] == 3 and scores["tstr_test_slices"] == [2, 3]
+    assert (tmp_path / "tstr" / "synthetic" / "model").is_dir()
+    assert (tmp_path / "tstr" / "real" / "model").is_dir()
+    assert 0 <= scores["tstr_iou_synthetic"] <= 1 and 0 <= scores["tstr_iou_real"] <= 1
+    if scores["tstr_iou_real"] > 0:
+        assert scores["tstr_ratio"] == pytest.approx(
+            scores["tstr_iou_synthetic"] / scores["tstr_iou_real"])
+
+
 def test_evaluate_generator_end_to_end(tmp_path):
     volume = generate_volume("vnc", 6, (256, 256), seed=3)
     gan_cfg = load_config(GanConfig, GAN_TINY,
@@ -181,19 +237,29 @@ def test_evaluate_generator_end_to_end(tmp_path):
     assert scores["fid"] > 0 and 0 < scores["psnr_db"] < PSNR_CAP_DB and scores["ssim"] < 1
     assert scores["feature_dim"] == 64 and scores["crop_size"] == 64
     assert scores["kid_std"] > 0  # subsets of half the crops differ, so KID has a spread
+    assert scores["fid_baseline"] > 0
+    assert scores["fid_minus_baseline"] == pytest.approx(scores["fid"] - scores["fid_baseline"])
+    assert scores["spectrum_distance"] > 0 and scores["local_std_w1_cytoplasm"] > 0
+    assert "tstr_ratio" not in scores
     # The CLI on the same data as a slice folder gives the same numbers and writes the JSON.
     write_slice_folder(volume, tmp_path / "data")
+    recipe_yaml = tmp_path / "recipe.yaml"
+    recipe_yaml.write_text(yaml.safe_dump(seg_cfg.model_dump(mode="json")))
     result = CliRunner().invoke(app, [
         "gan", "evaluate", "--generator", str(tmp_path / "gan"), "--data",
         str(tmp_path / "data"), "--slices", "4-5", "--segmenter", str(tmp_path / "seg" / "model"),
         "--crops", "6", "--crop-size", "64", "--kid-subsets", "5", "--device", "cpu",
-        "--json", str(tmp_path / "q.json"),
+        "--json", str(tmp_path / "q.json"), "--tstr-steps", "2", "--tstr-config",
+        str(recipe_yaml),
     ])
     assert result.exit_code == 0, result.output
-    assert "FCN-score" in result.output
+    assert "FCN-score" in result.output and "TSTR ratio" in result.output
+    assert "FID − FID(real, real)" in result.output
     saved = json.loads((tmp_path / "q.json").read_text())
-    for key in ("fcn_iou_real", "fcn_iou_synthetic", "fid", "kid", "ssim", "grey_level_w1"):
+    for key in ("fcn_iou_real", "fcn_iou_synthetic", "fid", "kid", "ssim", "grey_level_w1",
+                "fid_baseline", "spectrum_distance", "local_std_w1_mito"):
         assert saved[key] == pytest.approx(scores[key], rel=1e-6), key
+    assert saved["tstr_steps"] == 2 and saved["tstr_test_slices"] == [1]
     bad = CliRunner().invoke(app, ["gan", "evaluate", "--generator", str(tmp_path / "gan"),
                                    "--data", str(tmp_path / "data"),
                                    "--segmenter", str(tmp_path / "nothing")])

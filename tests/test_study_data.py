@@ -112,3 +112,27 @@ def test_phantom_source_is_deterministic():
     assert data.load_source(cfg).key == data.load_source(cfg).key
     other = SourceConfig(phantom={"domain": "ca1", "slices": 3, "size": 64, "seed": 3})
     assert data.load_source(other).key != data.load_source(cfg).key
+
+
+def test_segment_split_takes_the_studys_gap_as_an_option():
+    """segment train's default split: val_gap 0 keeps earlier figures (slice 144 trains, 145
+    validates); data.val_gap=5 (the study's DEFAULT_GAP) leaves 140-144 out."""
+    from emsynth.config import load_config
+    from emsynth.data.slices import DEFAULT_GAP
+    from emsynth.segment.config import SegmentConfig
+    from emsynth.segment.train import resolve_split
+
+    plain = resolve_split(load_config(SegmentConfig, None, ["data.val_block=20"]), 165)
+    assert plain.train == list(range(145)) and plain.val == list(range(145, 165))
+    gapped = resolve_split(load_config(SegmentConfig, None, [
+        "data.val_block=20", f"data.val_gap={DEFAULT_GAP}"]), 165)
+    assert gapped.train == list(range(140)) and gapped.val == plain.val
+    middle = resolve_split(load_config(SegmentConfig, None, [
+        "data.val_slices='50-59'", "data.val_gap=5"]), 100)
+    assert middle.train == [*range(45), *range(65, 100)]
+    assert StudyConfig.model_validate(
+        {"data": {"phantom": {"domain": "ca1"}}, "regimes": [{"name": "a", "slices": 1}]}
+    ).split.gap == DEFAULT_GAP
+    with pytest.raises(EmsynthError, match="no training slices"):
+        resolve_split(load_config(SegmentConfig, None, [
+            "data.val_block=20", "data.val_gap=5"]), 20)

@@ -109,3 +109,91 @@ def test_mask_volume_has_a_blank_image():
     volume = mask_volume(masks, "test masks")
     assert volume.image.shape == (2, 8, 8) and not volume.image.any()
     assert volume.source == "test masks" and volume.labels[MITO].all()
+
+
+# --- the study's mask layouts: deformed, remodel, procedural ------------------------------------
+
+def _cells_hold_mito(mito: np.ndarray, membrane: np.ndarray) -> bool:
+    """Every mitochondrion lies off the membranes, inside one cell (non-membrane region)."""
+    for m, b in zip(mito, membrane, strict=True):
+        if (m & b).any():
+            return False
+        cells_, _ = ndi.label(~b, structure=ndi.generate_binary_structure(2, 1))
+        objects, n = ndi.label(m)
+        for i in range(1, n + 1):
+            if len(np.unique(cells_[objects == i])) != 1:
+                return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def source() -> Volume:
+    """Two 384 px ca1 slices: the 'regime' whose annotation every layout starts from."""
+    return generate_volume("ca1", 2, (384, 384), seed=2)
+
+
+@pytest.mark.parametrize("layout", ["deformed", "remodel", "procedural"])
+def test_layouts_keep_mito_in_cells_and_membranes_closed(source, layout):
+    """Stated bounds, per layout: mitochondria only inside cells; membranes as closed as the
+    source's (open skeleton ends <= 10 per 1000 skeleton px; >= 95% of the cytoplasm in
+    cell-sized regions); mean mito fraction within 20% of the source's (remodel, deformed)
+    or a factor 2 (procedural: a fitted phantom); median profile area within a factor 1.6
+    (remodel, deformed) or 2.5 (procedural)."""
+    from emsynth.membranes.checks import check_membranes
+    from emsynth.study.config import SynthesisConfig
+    from emsynth.synthesis.masks import layout_masks, mito_instances
+
+    masks, label = layout_masks(layout, source, [MITO, MEMBRANE], 6, 256, 0, SynthesisConfig())
+    assert label and masks[MITO].shape == (6, 256, 256) == masks[MEMBRANE].shape
+    assert _cells_hold_mito(masks[MITO], masks[MEMBRANE])
+    check = check_membranes(masks[MEMBRANE], masks[MITO])
+    assert check.endpoints_per_1k <= 10 and check.cell_area_share >= 0.95
+    want = source.labels[MITO].mean()
+    ratio = masks[MITO].mean() / want
+    bound = 2.0 if layout == "procedural" else 1.2
+    assert 1 / bound <= ratio <= bound, ratio
+    src_area = np.median([i.area for i in mito_instances(source.labels[MITO])])
+    got_area = np.median([i.area for i in mito_instances(masks[MITO])])
+    bound = 2.5 if layout == "procedural" else 1.6
+    assert 1 / bound <= got_area / src_area <= bound, (got_area, src_area)
+
+
+def test_remodel_pastes_real_profiles_within_the_observed_range(source):
+    """New layouts: the membranes are warped (not a dihedral copy), the mitochondria are the
+    source's own profiles at new places, sizes within the observed range (10% slack for
+    resampling), a margin from every membrane; seeded."""
+    from emsynth.synthesis.masks import PASTE_MARGIN, mito_instances, remodel_masks
+
+    masks = remodel_masks(source, [MITO, MEMBRANE], 4, 256, seed=1)
+    areas = [i.area for i in mito_instances(source.labels[MITO])]
+    for m, b in zip(masks[MITO], masks[MEMBRANE], strict=True):
+        objects, n = ndi.label(m)
+        assert n >= 1
+        sizes = np.bincount(objects.ravel())[1:]
+        assert sizes.min() >= 0.9 * min(areas) and sizes.max() <= 1.1 * max(areas)
+        near = ndi.binary_dilation(m, ndi.generate_binary_structure(2, 2), iterations=PASTE_MARGIN)
+        assert not (near & b).any()
+        for z in range(len(source)):
+            crop = source.labels[MEMBRANE][z]
+            assert all(not np.array_equal(b, d[:256, :256]) for d in _dihedral(crop))
+    again = remodel_masks(source, [MITO, MEMBRANE], 4, 256, seed=1)
+    assert all(np.array_equal(again[k], masks[k]) for k in masks)
+    other = remodel_masks(source, [MITO, MEMBRANE], 4, 256, seed=2)
+    assert not np.array_equal(other[MITO], masks[MITO])
+    # Mitochondria alone (no membrane channel): pasted anywhere, no overlaps.
+    only = remodel_masks(source, [MITO], 2, 128, seed=0)
+    assert list(only) == [MITO] and only[MITO].shape == (2, 128, 128) and only[MITO].any()
+
+
+def test_layout_figure(tmp_path, source):
+    from emsynth.study.config import SynthesisConfig
+    from emsynth.synthesis.masks import layout_figure, layout_masks
+
+    sets = {"real": {k: source.labels[k][:, :128, :128] for k in (MITO, MEMBRANE)}}
+    for layout in ("deformed", "remodel"):
+        sets[layout] = layout_masks(layout, source, [MITO, MEMBRANE], 2, 128, 0,
+                                    SynthesisConfig())[0]
+    out = layout_figure(tmp_path / "layouts.png", sets, rows=2, title="mask layouts")
+    assert out.is_file() and out.stat().st_size > 1000
+    with pytest.raises(ValueError, match="unknown mask layout"):
+        layout_masks("shuffled", source, [MITO], 1, 64, 0, SynthesisConfig())

@@ -12,11 +12,12 @@ from rich.console import Console
 from emsynth import __version__
 from emsynth.data.cli import app as data_app
 from emsynth.errors import EmsynthError
+from emsynth.export.cli import app as export_app
 from emsynth.gan.cli import app as gan_app
 from emsynth.membranes.cli import app as membranes_app
 from emsynth.options import DeviceOpt
+from emsynth.report.cli import app as study_app
 from emsynth.segment.cli import app as segment_app
-from emsynth.study.cli import app as study_app
 
 app = typer.Typer(
     help="emsynth: EM image synthesis from masks and its segmentation study.",
@@ -25,6 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.add_typer(export_app, name="export")
 app.add_typer(gan_app, name="gan")
 app.add_typer(membranes_app, name="membranes")
 app.add_typer(segment_app, name="segment")

@@ -12,8 +12,8 @@ import typer
 
 LayoutOpt = Annotated[
     str,
-    typer.Option("--layout", help="Dataset layout: auto (detect), vnc, epfl-tiff, slices, isbi "
-                 "or generic."),
+    typer.Option("--layout", help="Dataset layout: auto (detect), vnc, epfl-tiff, slices, isbi, "
+                 "generic or ome-zarr."),
 ]
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (cuda when PyTorch sees a GPU, else cpu), cpu or "

@@ -232,3 +232,62 @@ def phantom(
         f"wrote {out}: {n_slices} x {size} x {size} px phantom '{spec.name}' (seed {seed}, "
         f"{spec.pixel_size_nm:g} nm/px); label fractions: {fractions}"
     )
+
+
+# --- convert: any layout to OME-Zarr -----------------------------------------------------------
+
+
+def _parse_chunks(text: str | None):
+    from emsynth.errors import input_error
+
+    if text is None:
+        return None
+    try:
+        chunks = tuple(int(tok) for tok in text.split(","))
+    except ValueError:
+        chunks = ()
+    if len(chunks) != 3 or min(chunks) < 1:
+        raise input_error("--chunks", f"{text!r} is not three positive integers z,y,x",
+                          "e.g. --chunks 16,512,512")
+    return chunks
+
+
+@app.command("convert")
+def convert(
+    path: Annotated[str, typer.Argument(help=_PATH_HELP)],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="OME-Zarr to write (e.g. "
+                                        "volume.ome.zarr); must not exist unless --overwrite.")],
+    layout: LayoutOpt = "auto",
+    mask_dir: Annotated[str | None, typer.Option("--mask-dir", help=_MASK_DIR_HELP)] = None,
+    label: Annotated[str, typer.Option("--label", help=_LABEL_HELP)] = "mito",
+    polarity: Annotated[str, typer.Option("--polarity", help=_POLARITY_HELP)] = "auto",
+    chunks: Annotated[
+        str | None, typer.Option("--chunks", help="Chunk shape z,y,x (default: up to 16,512,512).")
+    ] = None,
+    ngff: Annotated[
+        str, typer.Option("--ngff", help="NGFF version: 0.5 (zarr v3) or 0.4 (zarr v2).")
+    ] = "0.5",
+    z_nm: Annotated[
+        float | None, typer.Option("--z-nm", min=0.0, help="Slice thickness in nm (default: the "
+                                   "pixel size, i.e. isotropic).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Convert any supported layout into an OME-Zarr image with labels/<name> (mito, membrane,
+    synapse) and its physical scale; written to a temporary folder, then renamed onto OUT."""
+    from emsynth.data.omezarr import write_volume
+    from emsynth.errors import input_error
+
+    if ngff not in ("0.4", "0.5"):
+        raise input_error("--ngff", f"unknown NGFF version {ngff!r}", "use 0.5 or 0.4")
+    if out.exists() and not overwrite:
+        raise input_error(out, "already exists", "choose a new OUT or pass --overwrite")
+    chunk_shape = _parse_chunks(chunks)
+    volume, layout_used, _ = _read_with_notes(path, layout, mask_dir, label, polarity)
+    if Path(path).resolve() == out.resolve():
+        raise input_error(out, "is the input itself", "write to another path")
+    write_volume(volume, out, chunks=chunk_shape, version=ngff, z_nm=z_nm, overwrite=overwrite)
+    z, y, x = volume.shape
+    labels = ", ".join(sorted(volume.labels)) or "none"
+    typer.echo(f"wrote {out}: OME-Zarr {ngff}, {z} x {y} x {x} uint8 from {layout_used}, "
+               f"labels: {labels}")

@@ -3,7 +3,8 @@
 Layouts (see `read_volume`): "vnc" (Drosophila VNC stack: raw/ + membranes/, mitochondria/,
 synapses/), "epfl-tiff" (multipage training.tif + training_groundtruth.tif), "slices" (images/ +
 masks/ [+ membranes/, synapses/] [+ meta.json]; the EPFL per-slice layout and emsynth's own
-output), "isbi" (images/ + masks/ with 0 = membrane) and "generic" (images/ + any mask folder).
+output), "isbi" (images/ + masks/ with 0 = membrane), "generic" (images/ + any mask folder) and
+"ome-zarr" (an OME-Zarr / NGFF 0.4 or 0.5 image with labels/<name>; `emsynth.data.omezarr`).
 Images and masks pair by file stem; slices sort naturally (2 before 10).
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from emsynth.data.omezarr import is_ome_zarr, read_ome_zarr
 from emsynth.data.validate import (
     MAX_PLAUSIBLE_FRACTION,
     InputWarning,
@@ -32,7 +34,7 @@ from emsynth.data.validate import (
 from emsynth.data.volume import LABEL_NAMES, MEMBRANE, MITO, SYNAPSE, Volume
 from emsynth.errors import EmsynthError, input_error
 
-LAYOUTS = ("auto", "vnc", "epfl-tiff", "slices", "isbi", "generic")
+LAYOUTS = ("auto", "vnc", "epfl-tiff", "slices", "isbi", "generic", "ome-zarr")
 POLARITIES = ("auto", "foreground-white", "foreground-black")
 IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
 TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -97,8 +99,8 @@ class ReadOptions:
 
 LAYOUT_HELP = (
     "expected one of: raw/ + membranes|mitochondria|synapses/ (vnc), training.tif + "
-    "training_groundtruth.tif (epfl-tiff), images/ + masks/ (slices or isbi), or images/ + "
-    "--mask-dir FOLDER (generic)"
+    "training_groundtruth.tif (epfl-tiff), images/ + masks/ (slices or isbi), images/ + "
+    "--mask-dir FOLDER (generic), or an OME-Zarr image (zarr.json or .zattrs with multiscales)"
 )
 
 
@@ -486,6 +488,8 @@ def _looks_like_isbi(mask_folder: Path) -> bool:
 
 
 def _detect_here(path: Path) -> str | None:
+    if is_ome_zarr(path):
+        return "ome-zarr"
     if path.is_file():
         return "epfl-tiff" if path.suffix.lower() in TIFF_SUFFIXES else None
     if (path / "raw").is_dir() and any((path / d).is_dir() for d in VNC_LABEL_DIRS):
@@ -587,6 +591,11 @@ def read_volume(
     )
     if layout == "epfl-tiff":
         return _read_epfl_tiff(path, options)
+    if layout == "ome-zarr":
+        if mask_dir is not None:
+            raise input_error(path, "--mask-dir does not apply to OME-Zarr",
+                              "its labels are read from labels/<name>; drop --mask-dir")
+        return read_ome_zarr(path, indices, options.polarity_given)
     if layout == "generic":
         mask_folder = Path(mask_dir) if Path(mask_dir).is_absolute() else path / mask_dir
         if not mask_folder.is_dir():
@@ -646,3 +655,35 @@ def volume_stats(volume: Volume) -> dict:
             "max": int(np.flatnonzero(hist)[-1]),
         },
     }
+
+
+def open_lazy(path: str | Path, layout: str = "auto", *, mask_dir: str | None = None,
+              label: str = MITO):
+    """(uint8 (z, y, x) array that reads on demand, (z, y, x) scale in nm, source text).
+
+    OME-Zarr and multipage uint8 TIFF stacks stay on disk (the TIFF through tifffile's zarr
+    store); every other layout is read whole with `read_volume`.
+    """
+    import tifffile
+
+    from emsynth.data.omezarr import _zarr, open_ome_zarr, scale_of
+
+    path = Path(path)
+    used = resolve_layout(path, layout, mask_dir)
+    if used == "ome-zarr":
+        image = open_ome_zarr(path)
+        if image.array.dtype != np.uint8:
+            raise input_error(path, f"holds {image.array.dtype} data; blockwise prediction reads "
+                              "uint8", "convert it with `emsynth data convert`")
+        return image.array, image.scale_nm, f"{path} (ome-zarr {image.version})"
+    if used == "epfl-tiff" and path.is_file():
+        try:
+            store = tifffile.imread(path, aszarr=True)
+            array = _zarr().open_array(store=store, mode="r")
+        except Exception:  # noqa: BLE001 - fall back to the validating reader below
+            array = None
+        if array is not None and array.ndim == 3 and array.dtype == np.uint8:
+            pixel = PIXEL_SIZE_NM["epfl-tiff"]
+            return array, (pixel, pixel, pixel), f"{path} (tiff, read lazily)"
+    volume = read_volume(path, used, mask_dir=mask_dir, label=label)
+    return volume.image, scale_of(volume), volume.source

@@ -73,6 +73,12 @@ class TrainOptions:
                            [*self.overrides, *self.engine_overrides(engine_field)])
 
 
+def stop_line(result: dict[str, Any]) -> str:
+    """How a training command reports the end of `train`: why it stopped, where, how long."""
+    return (f"stopped: {result['stop_reason']} at step {result['step']} "
+            f"({result['elapsed_s']:.0f} s)")
+
+
 def _yaml_scalar(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from emsynth.engine.cli import TrainOptions, train_options
+from emsynth.engine.cli import TrainOptions, stop_line, train_options
 from emsynth.errors import EmsynthError
 from emsynth.options import DeviceOpt, LayoutOpt, PrecisionOpt
 
@@ -51,8 +51,7 @@ def train_cmd(
     if layout is not None:
         cfg.data.layout = layout
     result = train_gan(cfg, opts.run_dir, resume=opts.resume)
-    out.print(f"stopped: {result['stop_reason']} at step {result['step']} "
-              f"({result['elapsed_s']:.0f} s)", highlight=False)
+    out.print(stop_line(result), highlight=False)
     if "val/l1" in result:
         out.print(f"validation L1 {result['val/l1']:.4f}, PSNR {result['val/psnr']:.2f} dB",
                   highlight=False)
@@ -88,7 +87,8 @@ def synthesize_cmd(
         bool, typer.Option("--dropout/--no-dropout",
                            help="Keep dropout on as pix2pix does at test time (its noise source).")
     ] = True,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the dropout noise.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0,
+                                      help="Seed of the dropout and decoder noise.")] = 0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -153,7 +153,21 @@ def evaluate_cmd(
         bool, typer.Option("--dropout/--no-dropout", help="Dropout on at synthesis, as "
                            "pix2pix does at test time.")
     ] = True,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of dropout and crops.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0,
+                                      help="Seed of dropout, decoder noise and crops.")] = 0,
+    tstr_steps: Annotated[
+        int, typer.Option("--tstr-steps", min=0, help="Also TSTR: train a segmenter this many "
+                          "steps on synthetic images of the first half of the slices and one "
+                          "on their real images, score both on the real rest (0 = skip).")
+    ] = 0,
+    tstr_config: Annotated[
+        Path | None, typer.Option("--tstr-config", dir_okay=False, help="Segmenter recipe for "
+                                  "TSTR (a configs/segment YAML; default: the segment defaults).")
+    ] = None,
+    tstr_dir: Annotated[
+        Path | None, typer.Option("--tstr-dir", file_okay=False, help="Keep TSTR's two "
+                                  "segmenters here (default: a temporary folder).")
+    ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -161,8 +175,10 @@ def evaluate_cmd(
 
     FCN-score (a real-trained segmenter's foreground IoU on synthetic vs real images; the
     ratio is the headline), SSIM/PSNR to the paired real slice, FID/KID on the segmenter's
-    encoder features (no Inception download; comparable only with the same segmenter) and the
-    grey-level Wasserstein-1 distance.
+    encoder features (no Inception download; comparable only with the same segmenter) next to
+    their real-vs-real baseline, texture statistics (power-spectrum distance, local-std W1 in
+    cytoplasm and mitochondria), the grey-level Wasserstein-1 distance and, with --tstr-steps,
+    TSTR (train on synthetic, test on real, as a ratio to the real-trained recipe).
     """
     import json
 
@@ -175,13 +191,20 @@ def evaluate_cmd(
     from emsynth.io import atomic_write_text
 
     load_segmenter(segmenter)  # fail on a wrong path before reading data or synthesising
+    recipe = None
+    if tstr_steps and tstr_config is not None:
+        from emsynth.config import load_config
+        from emsynth.segment.config import SegmentConfig
+
+        recipe = load_config(SegmentConfig, tstr_config)
     volume = read_volume(data, layout)
     if slices is not None:
         volume = volume.select(parse_slices(slices, len(volume), "--slices"))
     scores = evaluate_generator(generator, volume, segmenter, crops=crops, crop_size=crop_size,
                                 seed=seed, dropout=dropout, kid_subsets=kid_subsets,
                                 device=resolve_device(device), precision=precision,
-                                progress=True)
+                                progress=True, tstr_steps=tstr_steps, tstr_config=recipe,
+                                tstr_dir=tstr_dir)
     table = Table(title=f"GAN quality on {scores['slices']} slices of {data}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -196,10 +219,27 @@ def evaluate_cmd(
         ("FID", f"{scores['fid']:.4g}", f"segmenter encoder, {scores['feature_dim']} features"),
         ("KID", f"{scores['kid']:.4g} ± {scores['kid_std']:.2g}",
          f"{scores['crops']} crops of {scores['crop_size']} px"),
+        ("FID − FID(real, real)", f"{scores['fid_minus_baseline']:.4g}",
+         f"real-vs-real baseline {scores['fid_baseline']:.4g} at the same n"),
+        ("KID real-vs-real", f"{scores['kid_baseline']:.4g}", "baseline at the same n"),
+        ("spectrum distance", f"{scores['spectrum_distance']:.3f}",
+         "radial log10 power spectra, mean |difference|; flat images score high"),
+        ("local-std W1 cytoplasm", f"{scores['local_std_w1_cytoplasm']:.2f}",
+         "grey levels, 7x7 windows"),
+        ("local-std W1 mito", f"{scores['local_std_w1_mito']:.2f}", "grey levels, 7x7 windows"),
         ("grey-level W1", f"{scores['grey_level_w1']:.2f}",
          (f"mean grey real {scores['mean_grey_real']:.1f}, "
           f"synthetic {scores['mean_grey_synthetic']:.1f}")),
     ]
+    if "tstr_ratio" in scores:
+        rows += [
+            ("TSTR ratio", f"{scores['tstr_ratio']:.3f}",
+             "synthetic-trained / real-trained IoU on real held-out slices"),
+            ("TSTR synthetic-trained", f"{scores['tstr_iou_synthetic']:.4f}",
+             f"{scores['tstr_steps']} steps, trained on slices {scores['tstr_train_slices']}"),
+            ("TSTR real-trained", f"{scores['tstr_iou_real']:.4f}",
+             f"scored on real slices {scores['tstr_test_slices']}"),
+        ]
     for row in rows:
         table.add_row(*row)
     out.print(table)
@@ -226,7 +266,8 @@ def figure_cmd(
     dropout: Annotated[
         bool, typer.Option("--dropout/--no-dropout", help="Dropout on at synthesis.")
     ] = True,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the dropout noise.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0,
+                                      help="Seed of the dropout and decoder noise.")] = 0,
     device: DeviceOpt = "auto",
     title: Annotated[str, typer.Option("--title", help="Figure title.")] = "",
 ) -> None:

@@ -63,9 +63,23 @@ class GanDataConfig(StrictModel):
 
 
 class GanModelConfig(StrictModel):
+    arch: Literal["unet", "spade"] = Field(
+        "unet", description="Generator: the spec pix2pix U-Net, or SPADE (Park et al. 2019: "
+        "the masks modulate every decoder block).",
+    )
     ngf: int = Field(64, ge=1, description="Generator width (64 = C64-...-C512 as in pix2pix).")
     ndf: int = Field(64, ge=1, description="Discriminator width (64 = C64-C128-C256-C512).")
-    n_scales: int = Field(3, ge=1, le=3, description="PatchGANs at full, 1/2, 1/4 resolution.")
+    n_scales: int = Field(
+        3, ge=1, le=4, description="PatchGANs; scale i at 1/2^i resolution (full, 1/2, 1/4).")
+    d_downsample: bool = Field(
+        True, description="Scale i sees the pair downsampled 2^i times (pix2pixHD); false = "
+        "every PatchGAN sees full resolution (Han et al. 2018: two full-resolution Ds).",
+    )
+    spectral_norm: bool = Field(False, description="Spectral norm on every convolution of D.")
+    decoder_noise: float = Field(
+        0.0, ge=0, description="Sigma of Gaussian noise added to every decoder block's output, "
+        "in training and at synthesis (Han et al.: 0.1); 0 = off (the spec).",
+    )
 
 
 class GanLossConfig(StrictModel):
@@ -74,6 +88,32 @@ class GanLossConfig(StrictModel):
     feature_matching_weight: float = Field(
         0.0, ge=0, description="pix2pixHD discriminator feature matching (10 there); 0 = off."
     )
+    class_l1_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-class L1 weights, e.g. {membrane: 2, mito: 4} (Han et al.): a pixel's "
+        "L1 is multiplied by the largest weight of the conditioning masks it is in (1 outside "
+        "all of them); names must be in data.channels. Empty = plain L1 (the spec).",
+    )
+    scale_weights: list[float] | None = Field(
+        None, description="Weight of each discriminator scale in the adversarial and feature "
+        "matching losses (one per model.n_scales, e.g. [0.5, 0.5]); None = their mean.",
+    )
+    consistency_weight: float = Field(
+        0.0, ge=0, description="Mask-consistency loss weight: 1 - Dice between the input mito "
+        "mask and a frozen mito segmenter's prediction on the synthetic image; 0 = off.",
+    )
+    consistency_segmenter: str | None = Field(
+        None, description="The frozen segmenter for the consistency loss: an `emsynth segment "
+        "train` run folder or its model/ (image input only).",
+    )
+
+    @field_validator("class_l1_weights")
+    @classmethod
+    def _positive_class_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [name for name, weight in value.items() if not weight > 0]
+        if bad:
+            raise ValueError(f"class weight of {bad[0]!r} must be > 0")
+        return value
 
 
 class GanOptimConfig(StrictModel):
@@ -84,6 +124,23 @@ class GanOptimConfig(StrictModel):
         0.5, ge=0, le=1,
         description="Fraction of engine.steps after which the rate decays linearly to zero.",
     )
+    g_steps_per_d: int = Field(
+        1, ge=1, description="Generator updates per discriminator update, each with a fresh "
+        "generator pass on the step's batch (Han et al.: 2); 1 = pix2pix.",
+    )
+
+
+class GanDiffAugmentConfig(StrictModel):
+    """DiffAugment (Zhao et al. 2020) on what D sees, real and synthetic pairs alike, in both
+    updates; differentiable, so G's gradient passes through it. Off by default."""
+
+    policy: list[Literal["translation", "colour", "cutout"]] = Field(
+        default_factory=list,
+        description="translation: shift the (masks, image) pair together; colour (brightness "
+        "and contrast) and cutout: the image only. Empty = off.",
+    )
+    translation: float = Field(0.125, gt=0, le=0.5, description="Largest shift, in sides.")
+    cutout: float = Field(0.5, gt=0, le=1, description="Cutout square side, in sides.")
 
 
 class GanConfig(StrictModel):
@@ -91,6 +148,7 @@ class GanConfig(StrictModel):
     model: GanModelConfig = GanModelConfig()
     loss: GanLossConfig = GanLossConfig()
     optim: GanOptimConfig = GanOptimConfig()
+    diffaugment: GanDiffAugmentConfig = GanDiffAugmentConfig()
     engine: EngineConfig = EngineConfig(
         steps=20000, checkpoint_every=1000, log_every=50, val_every=1000, image_every=1000
     )
@@ -103,3 +161,49 @@ class GanConfig(StrictModel):
                 f"{self.data.crop}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _loss_options_fit(self) -> GanConfig:
+        loss = self.loss
+        unknown = [c for c in loss.class_l1_weights if c not in self.data.channels]
+        if unknown:
+            raise ValueError(f"loss.class_l1_weights names {unknown[0]!r}, which is not in "
+                             f"data.channels {self.data.channels}")
+        if loss.scale_weights is not None and len(loss.scale_weights) != self.model.n_scales:
+            raise ValueError(f"loss.scale_weights has {len(loss.scale_weights)} entries for "
+                             f"model.n_scales={self.model.n_scales}")
+        if loss.consistency_weight > 0:
+            if not loss.consistency_segmenter:
+                raise ValueError("loss.consistency_weight > 0 needs loss.consistency_segmenter")
+            if MITO not in self.data.channels:
+                raise ValueError("the consistency loss needs mito in data.channels")
+        return self
+
+
+#: Options added after the spec, with the value that reproduces it. A run's stored task config
+#: leaves them out while they hold that value, so runs written before they existed resume.
+ADDED_OPTIONS: dict[tuple[str, str], object] = {
+    ("model", "arch"): "unet",
+    ("model", "d_downsample"): True,
+    ("model", "spectral_norm"): False,
+    ("model", "decoder_noise"): 0.0,
+    ("loss", "class_l1_weights"): {},
+    ("loss", "scale_weights"): None,
+    ("loss", "consistency_weight"): 0.0,
+    ("loss", "consistency_segmenter"): None,
+    ("optim", "g_steps_per_d"): 1,
+    ("diffaugment", None): {"policy": [], "translation": 0.125, "cutout": 0.5},
+}
+
+
+def stored_config(cfg: GanConfig) -> dict:
+    """`cfg` as JSON data without the engine section and without added options at their
+    spec value (see ADDED_OPTIONS); what a run records and compares on resume."""
+    dumped = cfg.model_dump(mode="json", exclude={"engine"})
+    for (section, key), default in ADDED_OPTIONS.items():
+        if key is None:
+            if dumped.get(section) == default:
+                dumped.pop(section)
+        elif dumped[section].get(key) == default:
+            dumped[section].pop(key)
+    return dumped

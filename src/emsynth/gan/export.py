@@ -1,8 +1,10 @@
 """The trained generator as a file: export after training, load for synthesis.
 
 `run_dir/generator.safetensors` holds the generator's weights with what is needed to rebuild
-and feed it (widths, conditioning channels, mask range); `load_generator` also accepts a GAN
-run folder, falling back to its latest checkpoint while no export exists.
+and feed it (architecture, width, decoder noise, conditioning channels, mask range);
+`load_generator` also accepts a GAN run folder, falling back to its latest checkpoint while no
+export exists. Files written before `arch` and `decoder_noise` existed load as the spec U-Net
+without noise.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 from emsynth.engine import checkpoint as ckpt
 from emsynth.errors import input_error
 from emsynth.gan.data import Conditioning
-from emsynth.gan.networks import UNetGenerator
+from emsynth.gan.networks import build_generator
 
 #: File name of the exported generator inside a GAN run folder.
 GENERATOR_FILE = "generator.safetensors"
@@ -29,6 +31,8 @@ def export_generator(path: str | Path, generator: nn.Module, conditioning: Condi
     net = ckpt.unwrap(generator)
     metadata = {
         "format": _FORMAT,
+        "arch": getattr(net, "arch", "unet"),
+        "decoder_noise": float(getattr(net, "noise", 0.0)),
         "ngf": net.ngf,
         "in_channels": net.in_channels,
         "channels": list(conditioning.channels),
@@ -40,7 +44,7 @@ def export_generator(path: str | Path, generator: nn.Module, conditioning: Condi
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu"
-                   ) -> tuple[UNetGenerator, Conditioning, dict[str, Any]]:
+                   ) -> tuple[nn.Module, Conditioning, dict[str, Any]]:
     """(generator, conditioning, metadata) from a generator file or a GAN run folder.
 
     A run folder gives its exported generator.safetensors, or, for a run still in progress
@@ -60,20 +64,23 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu"
     if metadata.get("format") != _FORMAT or "generator" not in state:
         raise input_error(path, "not an emsynth GAN generator file",
                           f"pass the {GENERATOR_FILE} of a GAN run")
-    generator = UNetGenerator(int(metadata["in_channels"]), 1, int(metadata["ngf"]))
+    generator = build_generator(metadata.get("arch", "unet"), int(metadata["in_channels"]),
+                                int(metadata["ngf"]), float(metadata.get("decoder_noise", 0.0)))
     ckpt.load_weights(path, {"generator": generator})
     conditioning = Conditioning(tuple(metadata["channels"]), metadata["mask_range"])
     return generator.to(device), conditioning, metadata
 
 
 def _from_checkpoint(path: Path, device: str | torch.device
-                     ) -> tuple[UNetGenerator, Conditioning, dict[str, Any]]:
+                     ) -> tuple[nn.Module, Conditioning, dict[str, Any]]:
     state = ckpt.load_checkpoint(path)
     try:
         task_cfg = state["task_config"]
         channels = tuple(task_cfg["data"]["channels"])
         conditioning = Conditioning(channels, task_cfg["data"]["mask_range"])
-        generator = UNetGenerator(len(channels), 1, int(task_cfg["model"]["ngf"]))
+        model = task_cfg["model"]
+        generator = build_generator(model.get("arch", "unet"), len(channels), int(model["ngf"]),
+                                    float(model.get("decoder_noise", 0.0)))
         generator.load_state_dict(state["modules"]["generator"])
     except (KeyError, TypeError, RuntimeError) as err:
         raise input_error(path, f"not a GAN checkpoint ({type(err).__name__}: {err})"[:200],

@@ -9,6 +9,10 @@ Dropout: pix2pix keeps dropout active at test time, as its only source of noise 
 2017, sec. 3.1); `dropout=True` (the default) does the same, so two seeds give two different
 images of one mask set; `dropout=False` gives the deterministic mean-like output. Either way
 the result is a function of (weights, masks, seed).
+
+Decoder noise (`model.decoder_noise`, Han et al. 2018) is part of the generator and stays on at
+synthesis whatever `dropout` says; it is drawn from the same seeded generator, so `seed` fixes
+it too. Both generator architectures (spec U-Net, SPADE) are fed the same way.
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from emsynth.engine import checkpoint as ckpt
 from emsynth.engine.device import autocast_factory, resolve_device, resolve_precision
 from emsynth.errors import input_error
 from emsynth.gan.data import Conditioning, unit_to_image
-from emsynth.gan.networks import SIDE_MULTIPLE, UNetGenerator
+from emsynth.gan.networks import SIDE_MULTIPLE
 
 
-def default_conditioning(generator: UNetGenerator) -> Conditioning:
+def default_conditioning(generator: nn.Module) -> Conditioning:
     """The training default for a generator with this many inputs: mito, membrane[, synapse]."""
     return Conditioning(LABEL_NAMES[: generator.in_channels], "-1,1")
 

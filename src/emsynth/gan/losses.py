@@ -30,10 +30,16 @@ def _as_float(logits: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def discriminator_loss(
-    real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor], mode: AdversarialMode
+    real_logits: list[torch.Tensor], fake_logits: list[torch.Tensor], mode: AdversarialMode,
+    weights: list[float] | None = None,
 ) -> torch.Tensor:
-    """D's loss: push real pairs to "real" and synthetic pairs to "fake"; halved as in pix2pix."""
+    """D's loss: push real pairs to "real" and synthetic pairs to "fake"; halved as in pix2pix.
+
+    weights: one per scale, replacing the mean over scales (None = the mean)."""
     real, fake = _as_float(real_logits), _as_float(fake_logits)
+    if weights is not None:
+        return _weighted([discriminator_loss([r], [f], mode) for r, f in zip(real, fake)],
+                         weights)
     if mode == "lsgan":
         loss_real = _LSGAN(real, target_is_real=True, for_discriminator=True)
         loss_fake = _LSGAN(fake, target_is_real=False, for_discriminator=True)
@@ -48,10 +54,12 @@ def discriminator_loss(
     return 0.5 * (loss_real + loss_fake)
 
 
-def generator_adversarial_loss(fake_logits: list[torch.Tensor], mode: AdversarialMode
-                               ) -> torch.Tensor:
-    """G's adversarial loss: make D call the synthetic pairs real."""
+def generator_adversarial_loss(fake_logits: list[torch.Tensor], mode: AdversarialMode,
+                               weights: list[float] | None = None) -> torch.Tensor:
+    """G's adversarial loss: make D call the synthetic pairs real (weights: per scale)."""
     fake = _as_float(fake_logits)
+    if weights is not None:
+        return _weighted([generator_adversarial_loss([f], mode) for f in fake], weights)
     if mode == "lsgan":
         return _LSGAN(fake, target_is_real=True, for_discriminator=False)
     if mode == "vanilla":
@@ -62,7 +70,8 @@ def generator_adversarial_loss(fake_logits: list[torch.Tensor], mode: Adversaria
 
 
 def feature_matching_loss(
-    real_feats: list[list[torch.Tensor]], fake_feats: list[list[torch.Tensor]]
+    real_feats: list[list[torch.Tensor]], fake_feats: list[list[torch.Tensor]],
+    weights: list[float] | None = None,
 ) -> torch.Tensor:
     """pix2pixHD feature matching: L1 between D's intermediate features on real and fake pairs.
 
@@ -73,7 +82,21 @@ def feature_matching_loss(
         sum(F.l1_loss(f.float(), r.detach().float()) for r, f in zip(real[:-1], fake[:-1]))
         for real, fake in zip(real_feats, fake_feats)
     ]
-    return _mean(per_scale)
+    return _mean(per_scale) if weights is None else _weighted(per_scale, weights)
+
+
+def weighted_l1(fake: torch.Tensor, real: torch.Tensor, weight_map: torch.Tensor
+                ) -> torch.Tensor:
+    """Mean of weight_map x |fake - real| (the per-class L1 of Han et al.; not renormalised,
+    so a class weight of 4 makes that class's pixels count 4 times)."""
+    return (weight_map * (fake.float() - real.float()).abs()).mean()
+
+
+def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice between probabilities and a binary target, over the whole batch."""
+    prob, target = prob.float(), target.float()
+    inter = (prob * target).sum()
+    return 1 - (2 * inter + eps) / (prob.sum() + target.sum() + eps)
 
 
 def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
@@ -82,3 +105,9 @@ def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
 
 def _mean(losses: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(losses).mean()
+
+
+def _weighted(losses: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    if len(weights) != len(losses):
+        raise ValueError(f"{len(weights)} scale weights for {len(losses)} scales")
+    return sum(w * x for w, x in zip(weights, losses))

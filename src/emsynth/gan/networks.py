@@ -10,6 +10,9 @@ block at 2x2 resolution). Normalisation is InstanceNorm without affine parameter
 the first encoder layer and on the innermost one (1x1 at 256 input, where it would zero the
 features), as in the pix2pix code.
 
+SPADE generator (`model.arch: spade`): see `SPADEGenerator`. Both generators can add Gaussian
+noise to every decoder block's output (`DecoderNoise`, off by default).
+
 Discriminator: three PatchGANs C64-C128-C256-C512 (pix2pix n_layers=3, receptive field 70x70)
 that see the concatenated (masks, image) at full, 1/2 and 1/4 resolution, obtained by average
 pooling (the pix2pixHD multi-scale design). MONAI's `PatchDiscriminator` has exactly that layer
@@ -20,6 +23,7 @@ intermediate feature map, which feature matching needs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -94,18 +98,40 @@ class _Down(_Block):
         return self.norm(self._convolve(self.act(x)))
 
 
-class _Up(_Block):
-    """Decoder block: ReLU -> 4x4 stride-2 transposed conv -> [InstanceNorm] -> [Dropout 0.5]."""
+class DecoderNoise(nn.Module):
+    """Adds N(0, sigma^2) to its input, in training and at inference alike (Han et al. 2018:
+    pix2pix's U-Net ignores input noise, noise on every decoder block is not ignored). Draws
+    from torch's global generator, so a seed fixes it; sigma 0 is the identity and draws
+    nothing."""
 
-    def __init__(self, c_in: int, c_out: int, *, norm: bool, dropout: bool) -> None:
+    def __init__(self, sigma: float = 0.0) -> None:
+        super().__init__()
+        self.sigma = float(sigma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sigma <= 0:
+            return x
+        return x + self.sigma * torch.randn_like(x)
+
+    def extra_repr(self) -> str:
+        return f"sigma={self.sigma}"
+
+
+class _Up(_Block):
+    """Decoder block: ReLU -> 4x4 stride-2 transposed conv -> [InstanceNorm] -> [Dropout 0.5]
+    -> [+ Gaussian noise]."""
+
+    def __init__(self, c_in: int, c_out: int, *, norm: bool, dropout: bool,
+                 noise: float = 0.0) -> None:
         super().__init__()
         self.act = nn.ReLU()
         self.conv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=not norm)
         self.norm = nn.InstanceNorm2d(c_out) if norm else nn.Identity()
         self.dropout = nn.Dropout(0.5) if dropout else nn.Identity()
+        self.noise = DecoderNoise(noise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.norm(self._convolve(self.act(x))))
+        return self.noise(self.dropout(self.norm(self._convolve(self.act(x)))))
 
 
 class UNetGenerator(nn.Module):
@@ -114,12 +140,16 @@ class UNetGenerator(nn.Module):
     Fully convolutional: any H, W that are multiples of 256 work in one pass (whole slices).
     """
 
-    def __init__(self, in_channels: int = 2, out_channels: int = 1, ngf: int = 64) -> None:
+    arch = "unet"
+
+    def __init__(self, in_channels: int = 2, out_channels: int = 1, ngf: int = 64,
+                 noise: float = 0.0) -> None:
         super().__init__()
         if in_channels < 1 or ngf < 1:
             raise ValueError(f"in_channels and ngf must be >= 1, got {in_channels}, {ngf}")
         self.in_channels = in_channels
         self.ngf = ngf
+        self.noise = float(noise)
         enc_widths = [m * ngf for m in ENCODER_MULTIPLIERS]
         n = len(enc_widths)
         self.down = nn.ModuleList()
@@ -132,8 +162,10 @@ class UNetGenerator(nn.Module):
         # except the last, which outputs the image.
         dec_in = [m * ngf for m in DECODER_INPUT_MULTIPLIERS]
         dec_out = [enc_widths[n - 2 - j] for j in range(n - 1)] + [out_channels]
+        # Noise on every decoder block's output but the image's (that one is the tanh input).
         self.up = nn.ModuleList(
-            _Up(ci, co, norm=j < n - 1, dropout=j < DROPOUT_BLOCKS)
+            _Up(ci, co, norm=j < n - 1, dropout=j < DROPOUT_BLOCKS,
+                noise=noise if j < n - 1 else 0.0)
             for j, (ci, co) in enumerate(zip(dec_in, dec_out))
         )
         self.out_act = nn.Tanh()
@@ -157,6 +189,110 @@ class UNetGenerator(nn.Module):
         return self.out_act(x)
 
 
+class SPADE(nn.Module):
+    """Spatially-adaptive normalisation (Park et al. 2019): affine-free InstanceNorm, then a
+    per-pixel scale and shift computed from the masks (resized to the features, nearest)."""
+
+    def __init__(self, channels: int, label_channels: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.InstanceNorm2d(channels, affine=False)
+        self.shared = nn.Sequential(nn.Conv2d(label_channels, hidden, 3, padding=1), nn.ReLU())
+        self.gamma = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.beta = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        masks = F.interpolate(masks, size=x.shape[-2:], mode="nearest")
+        h = self.shared(masks)
+        return self.norm(x) * (1 + self.gamma(h)) + self.beta(h)
+
+
+class SPADEResBlock(nn.Module):
+    """SPADE ResNet block: [SPADE, LeakyReLU 0.2, 3x3 conv] x 2, plus a (learned) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, label_channels: int, hidden: int) -> None:
+        super().__init__()
+        middle = min(c_in, c_out)
+        self.norm_0 = SPADE(c_in, label_channels, hidden)
+        self.conv_0 = nn.Conv2d(c_in, middle, 3, padding=1)
+        self.norm_1 = SPADE(middle, label_channels, hidden)
+        self.conv_1 = nn.Conv2d(middle, c_out, 3, padding=1)
+        self.learned_shortcut = c_in != c_out
+        if self.learned_shortcut:
+            self.norm_s = SPADE(c_in, label_channels, hidden)
+            self.conv_s = nn.Conv2d(c_in, c_out, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        shortcut = self.conv_s(self.norm_s(x, masks)) if self.learned_shortcut else x
+        dx = self.conv_0(F.leaky_relu(self.norm_0(x, masks), 0.2))
+        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, masks), 0.2))
+        return shortcut + dx
+
+
+#: SPADE generator block widths in units of ngf, from the coarsest level (side / 32) up.
+SPADE_MULTIPLIERS = (8, 8, 8, 4, 2, 1)
+
+
+class SPADEGenerator(nn.Module):
+    """Masks (N, in_channels, H, W) -> EM image (N, 1, H, W) in [-1, 1], SPADE-style.
+
+    The masks, resized to 1/32, go through a 3x3 conv; then five SPADE ResNet blocks, each
+    followed by [decoder noise] and a 2x nearest upsampling, bring the features back to full
+    size, every block modulated by the masks at its own resolution; LeakyReLU, 3x3 conv, tanh.
+    No encoder, no skips: all spatial detail comes through the masks' modulation, and
+    stochastic texture through the decoder noise. Fully convolutional like the U-Net, and fed
+    the same way (sides multiples of 256 at synthesis; inference pads).
+    """
+
+    arch = "spade"
+
+    def __init__(self, in_channels: int = 2, out_channels: int = 1, ngf: int = 64,
+                 noise: float = 0.0) -> None:
+        super().__init__()
+        if in_channels < 1 or ngf < 1:
+            raise ValueError(f"in_channels and ngf must be >= 1, got {in_channels}, {ngf}")
+        self.in_channels = in_channels
+        self.ngf = ngf
+        self.noise = float(noise)
+        hidden = min(128, 2 * ngf)
+        widths = [m * ngf for m in SPADE_MULTIPLIERS]
+        self.levels = len(widths) - 1
+        self.head = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        self.blocks = nn.ModuleList(
+            SPADEResBlock(c_in, c_out, in_channels, hidden)
+            for c_in, c_out in itertools.pairwise(widths)
+        )
+        self.noises = nn.ModuleList(DecoderNoise(noise) for _ in self.blocks)
+        self.to_image = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
+        self.out_act = nn.Tanh()
+        self.apply(_pix2pix_init)
+
+    def set_small_map_matmul(self, enabled: bool) -> None:
+        """No 4x4 stride-2 convolutions here: nothing to switch (the U-Net's interface)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_side(x.shape[-2:])
+        masks = x
+        h, w = x.shape[-2:]
+        scale = 2 ** self.levels
+        y = self.head(F.interpolate(masks, size=(h // scale, w // scale), mode="nearest"))
+        for block, noise in zip(self.blocks, self.noises):
+            y = F.interpolate(noise(block(y, masks)), scale_factor=2, mode="nearest")
+        return self.out_act(self.to_image(F.leaky_relu(y, 0.2)))
+
+
+#: Generator classes by `model.arch`.
+GENERATORS: dict[str, type[nn.Module]] = {"unet": UNetGenerator, "spade": SPADEGenerator}
+
+
+def build_generator(arch: str, in_channels: int, ngf: int, noise: float = 0.0) -> nn.Module:
+    """The generator of `model.arch` (unet = the spec), 1 output channel."""
+    try:
+        cls = GENERATORS[arch]
+    except KeyError:
+        raise ValueError(f"unknown generator arch {arch!r}; use {', '.join(GENERATORS)}") from None
+    return cls(in_channels, 1, ngf, noise=noise)
+
+
 def check_side(hw: tuple[int, ...] | torch.Size) -> None:
     """Raise a user error unless both sides are positive multiples of 256."""
     if any(s < SIDE_MULTIPLE or s % SIDE_MULTIPLE for s in hw):
@@ -176,8 +312,10 @@ class MultiScaleDiscriminator(nn.Module):
     """
 
     def __init__(self, in_channels: int, ndf: int = 64, n_scales: int = 3,
-                 norm: str | None = "INSTANCE") -> None:
+                 norm: str | None = "INSTANCE", *, downsample: bool = True,
+                 spectral_norm: bool = False) -> None:
         super().__init__()
+        self.downsample = downsample
         self.scales = nn.ModuleList(
             PatchDiscriminator(
                 spatial_dims=2,
@@ -189,11 +327,15 @@ class MultiScaleDiscriminator(nn.Module):
             )
             for _ in range(n_scales)
         )
+        if spectral_norm:
+            convs = [m for m in self.modules() if isinstance(m, nn.Conv2d)]
+            for conv in convs:
+                nn.utils.parametrizations.spectral_norm(conv)
 
     def forward(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
         feats = []
         for i, disc in enumerate(self.scales):
-            if i:
+            if i and self.downsample:
                 # pix2pixHD's downsampler: 3x3 average pool, stride 2, borders not counted.
                 x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
             feats.append(disc(x))

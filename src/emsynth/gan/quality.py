@@ -13,11 +13,25 @@
   real crops against blurred (sigma 3) crops was 1.8x the real-vs-real FID with mean pooling
   and 10x with mean and std. Values are therefore comparable only between runs scored with the same
   segmenter.
+  Both come with a real-vs-real baseline at the same n: FID/KID of the scored real crops
+  against a second set of real crops (other random positions, same seed stream); with few
+  crops and many feature dimensions FID is dominated by bias (two samples of N(0, I_512) at
+  n = 64 give ~738), so `fid_minus_baseline` is the comparable number.
+- Texture statistics that flat images fail: the distance between radially averaged log power
+  spectra of real and synthetic crops (a blurred or textureless image loses the high
+  frequencies), and the Wasserstein-1 distance between the distributions of local standard
+  deviation (7x7) inside cytoplasm and inside mitochondria (masks eroded by the window's
+  radius, so that boundary contrast does not count as texture).
 - Wasserstein-1 distance between the grey-level distributions (in grey levels, 0-255).
+- TSTR (train on synthetic, test on real; opt-in, `tstr_steps`): the same segmenter recipe
+  trained for the same steps on images synthesised from the first half of the slices' masks,
+  and on the real images of those slices, both scored on the real second half; the ratio is
+  what the study depends on (see `tstr`).
 """
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,11 +40,12 @@ import numpy as np
 import scipy.linalg
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from scipy import ndimage
 from scipy.stats import wasserstein_distance
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from torch import nn
 
-from emsynth.data.volume import MITO, Volume
+from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.errors import input_error
 from emsynth.gan.export import load_generator
 from emsynth.gan.inference import synthesize_volume
@@ -176,6 +191,78 @@ def grey_level_distance(real: np.ndarray, fake: np.ndarray) -> float:
     ))
 
 
+def radial_power_spectrum(images: np.ndarray) -> np.ndarray:
+    """Mean over images (n, s, s) of the radially averaged log10 power spectrum, per integer
+    frequency radius 1 .. s // 2 (DC left out; each image mean-subtracted, Hann-windowed)."""
+    images = np.asarray(images, np.float64)
+    if images.ndim == 2:
+        images = images[None]
+    _, h, w = images.shape
+    window = np.outer(np.hanning(h), np.hanning(w))
+    centred = (images - images.mean(axis=(1, 2), keepdims=True)) * window
+    power = np.abs(np.fft.fftshift(np.fft.fft2(centred), axes=(1, 2))) ** 2
+    fy, fx = np.meshgrid(np.arange(h) - h // 2, (np.arange(w) - w // 2) * h / w, indexing="ij")
+    radius = np.rint(np.hypot(fy, fx)).astype(int).ravel()
+    bins = min(h, w) // 2
+    totals = np.stack([np.bincount(radius, p.ravel(), minlength=bins + 1) for p in power])
+    count = np.bincount(radius, minlength=bins + 1)
+    mean = totals[:, 1:bins + 1] / np.maximum(count[1:bins + 1], 1)
+    return np.log10(mean + 1e-12).mean(0)
+
+
+def spectrum_distance(real: np.ndarray, fake: np.ndarray) -> float:
+    """Mean absolute difference (decades) between the radially averaged log power spectra of
+    two image sets (n, s, s): 0 for the same textures; blur and flat fills raise it."""
+    return float(np.abs(radial_power_spectrum(real) - radial_power_spectrum(fake)).mean())
+
+
+def local_std(image: np.ndarray, size: int = 7) -> np.ndarray:
+    """Standard deviation of the grey level in a size x size window around every pixel."""
+    x = np.asarray(image, np.float64)
+    mean = ndimage.uniform_filter(x, size)
+    return np.sqrt(np.maximum(ndimage.uniform_filter(x * x, size) - mean * mean, 0.0))
+
+
+def texture_regions(volume: Volume, size: int = 7) -> dict[str, np.ndarray]:
+    """Boolean (z, y, x) masks of `cytoplasm` (neither mito nor membrane) and `mito`, each
+    eroded in-plane by the local window's radius (skipped where that would empty it)."""
+    mito = volume.labels.get(MITO, np.zeros(volume.shape, bool)).astype(bool)
+    other = mito | volume.labels.get(MEMBRANE, np.zeros(volume.shape, bool)).astype(bool)
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    regions = {}
+    for name, region in (("cytoplasm", ~other), ("mito", mito)):
+        eroded = ndimage.binary_erosion(region, structure, iterations=size // 2)
+        regions[name] = eroded if eroded.any() else region
+    return regions
+
+
+def local_std_distance(real: np.ndarray, fake: np.ndarray, region: np.ndarray,
+                       size: int = 7) -> float:
+    """W1 (grey levels) between the local standard deviation distributions of real and fake
+    (z, y, x) stacks inside `region`; NaN when the region is empty."""
+    if not region.any():
+        return float("nan")
+    real_std = np.stack([local_std(r, size) for r in np.asarray(real)])[region]
+    fake_std = np.stack([local_std(f, size) for f in np.asarray(fake)])[region]
+    return float(wasserstein_distance(real_std, fake_std))
+
+
+def texture_scores(volume: Volume, fake: np.ndarray, crops: int = 64, crop_size: int = 256,
+                   seed: int = 0) -> dict[str, float]:
+    """Texture statistics of synthetic slices `fake` (z, y, x) against the real images of
+    `volume`, whose masks they were made from (see the module docstring)."""
+    side = min(crop_size, *volume.shape[1:])
+    real_crops = random_crops(volume.image[:, None], crops, side, seed)[:, 0]
+    fake_crops = random_crops(np.asarray(fake)[:, None], crops, side, seed)[:, 0]
+    regions = texture_regions(volume)
+    return {
+        "spectrum_distance": spectrum_distance(real_crops, fake_crops),
+        "local_std_w1_cytoplasm": local_std_distance(volume.image, fake, regions["cytoplasm"]),
+        "local_std_w1_mito": local_std_distance(volume.image, fake, regions["mito"]),
+    }
+
+
 def ssim_psnr(real: np.ndarray, fake: np.ndarray) -> tuple[float, float]:
     """Mean per-slice SSIM and PSNR (dB, capped at PSNR_CAP_DB) of uint8 (z, y, x) stacks."""
     real, fake = np.asarray(real), np.asarray(fake)
@@ -214,12 +301,18 @@ def evaluate_generator(
     device: str | torch.device = "cpu",
     precision: str = "auto",
     progress: bool = False,
+    tstr_steps: int = 0,
+    tstr_config: Any = None,
+    tstr_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Synthesise an image for every mask slice of `volume` and score it against the real one.
 
     `volume` holds real images with their masks (mito plus whatever else the generator is
     conditioned on). Returns a flat dict of JSON-ready numbers (see the module docstring).
-    Crops for FID/KID are drawn at the same seeded positions from real and synthetic slices.
+    Crops for FID/KID are drawn at the same seeded positions from real and synthetic slices;
+    the real-vs-real baseline uses the next `crops` positions of the same seeded stream.
+    tstr_steps > 0 adds TSTR (see `tstr`; tstr_config: its SegmentConfig recipe, tstr_dir:
+    where its two segmenters are kept, a temporary folder when None).
     """
     device = torch.device(device)
     if MITO not in volume.labels:
@@ -229,7 +322,7 @@ def evaluate_generator(
     segmenter = load_segmenter(segmenter_path, device)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=True) as bar:
-        job = bar.add_task("synthesising", total=5)
+        job = bar.add_task("synthesising", total=6)
         synthetic = synthesize_volume(generator, volume, conditioning, dropout=dropout,
                                       seed=seed, device=device, precision=precision)
         bar.update(job, advance=1, description="segmenting real")
@@ -240,20 +333,33 @@ def evaluate_generator(
         side = crop_side(volume.image.shape[1:], crop_size, segmenter.model.divisor)
         real_inputs = segment_data(volume, segmenter.channel_names, None).inputs
         fake_inputs = segment_data(synthetic, segmenter.channel_names, None).inputs
-        real_features = encoder_features(segmenter, random_crops(real_inputs, crops, side, seed),
-                                         device)
+        # The first `crops` positions are the scored ones (paired with the synthetic crops),
+        # the next `crops` the real-vs-real baseline set.
+        both = encoder_features(segmenter, random_crops(real_inputs, 2 * crops, side, seed),
+                                device)
+        real_features, baseline_features = both[:crops], both[crops:]
         fake_features = encoder_features(segmenter, random_crops(fake_inputs, crops, side, seed),
                                          device)
-        bar.update(job, advance=1, description="FID, KID, SSIM")
+        bar.update(job, advance=1, description="FID, KID, SSIM, texture")
         with warnings.catch_warnings():
             # sqrtm warns about singular covariances when crops < feature channels; handled.
             warnings.simplefilter("ignore", RuntimeWarning)
             fid = frechet_distance(real_features, fake_features)
+            fid_baseline = frechet_distance(real_features, baseline_features)
         # Subsets of half the crops: with all of them every subset is the same set and the
         # spread over subsets, reported as KID's uncertainty, would be zero by construction.
+        subset = max(2, crops // 2)
         kid, kid_std = kernel_inception_distance(real_features, fake_features, kid_subsets,
-                                                 subset_size=max(2, crops // 2), seed=seed)
+                                                 subset_size=subset, seed=seed)
+        kid_baseline, _ = kernel_inception_distance(real_features, baseline_features,
+                                                    kid_subsets, subset_size=subset, seed=seed)
         ssim, psnr = ssim_psnr(volume.image, synthetic.image)
+        texture = texture_scores(volume, synthetic.image, crops, crop_size, seed)
+        bar.update(job, advance=1, description="TSTR" if tstr_steps else "done")
+        tstr_scores = {}
+        if tstr_steps:
+            tstr_scores = tstr(volume, synthetic, tstr_steps, tstr_config, device, precision,
+                               seed, tstr_dir)
         bar.update(job, advance=1)
     return {
         "fcn_iou_synthetic": fcn_synthetic,
@@ -264,6 +370,11 @@ def evaluate_generator(
         "fid": fid,
         "kid": kid,
         "kid_std": kid_std,
+        "fid_baseline": fid_baseline,
+        "fid_minus_baseline": fid - fid_baseline,
+        "kid_baseline": kid_baseline,
+        **texture,
+        **tstr_scores,
         "grey_level_w1": grey_level_distance(volume.image, synthetic.image),
         "mean_grey_real": float(volume.image.mean()),
         "mean_grey_synthetic": float(synthetic.image.mean()),
@@ -276,4 +387,59 @@ def evaluate_generator(
         "generator": str(generator_path),
         "segmenter": str(segmenter_path),
         "data": volume.source,
+    }
+
+
+def tstr_split(n_slices: int) -> tuple[list[int], list[int]]:
+    """(train, test) slice indices for TSTR: the first half (rounded up) and the rest; one
+    slice is both (then the real-trained reference has seen its test slice)."""
+    if n_slices < 2:
+        return [0], [0]
+    half = (n_slices + 1) // 2
+    return list(range(half)), list(range(half, n_slices))
+
+
+def tstr(volume: Volume, synthetic: Volume, steps: int, recipe: Any = None,
+         device: str | torch.device = "cpu", precision: str = "auto", seed: int = 0,
+         work_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train on synthetic, test on real: one segmenter trained only on `synthetic` images of
+    the training slices (see `tstr_split`), one trained by the same recipe for the same steps
+    on the real images of those slices; both scored (foreground IoU at threshold 0.5, no
+    validation, so nothing is chosen on the scored slices) on the real test slices.
+
+    recipe: a SegmentConfig (None = its defaults); its steps, seed, validation and
+    checkpointing are set here. Returns tstr_iou_synthetic, tstr_iou_real, tstr_ratio and the
+    slices used.
+    """
+    from emsynth.segment.config import SegmentConfig
+    from emsynth.segment.train import train_segmenter
+
+    recipe = recipe if recipe is not None else SegmentConfig()
+    cfg = recipe.model_copy(deep=True)
+    cfg.engine.steps = steps
+    cfg.engine.seed = seed
+    cfg.engine.checkpoint_every = 0
+    cfg.engine.val_every = 0
+    cfg.engine.image_every = 0
+    cfg.engine.max_time = None
+    cfg.data.val_block, cfg.data.val_slices, cfg.data.train_slices = 0, None, None
+    cfg.threshold.choose = False
+    train_idx, test_idx = tstr_split(len(volume))
+    test = volume.select(test_idx)
+    scores = {}
+    with tempfile.TemporaryDirectory(prefix="emsynth-tstr-") as tmp:
+        root = Path(work_dir) if work_dir is not None else Path(tmp)
+        for name, source in (("synthetic", synthetic), ("real", volume)):
+            train_segmenter(cfg, source.select(train_idx), root / name, resume=False)
+            model = load_segmenter(root / name, device)
+            model.threshold = 0.5
+            scores[name] = fcn_iou(model, test, torch.device(device), precision)
+    return {
+        "tstr_iou_synthetic": scores["synthetic"],
+        "tstr_iou_real": scores["real"],
+        "tstr_ratio": (scores["synthetic"] / scores["real"] if scores["real"] > 0
+                       else float("nan")),
+        "tstr_steps": steps,
+        "tstr_train_slices": train_idx,
+        "tstr_test_slices": test_idx,
     }

@@ -3,6 +3,10 @@
 One step = one discriminator update then one generator update on the same batch, as in
 pix2pix. The step is arranged to do no redundant work (see `train_step`); its output is the
 same as the textbook sequence (D on fake and real, D update, D on fake again, G update).
+
+Options beyond the spec (all off by default, see `GanConfig`): `optim.g_steps_per_d` generator
+updates per D update, per-class L1 weights, per-scale D weights, DiffAugment on D's inputs, and
+the mask-consistency loss through a frozen mito segmenter.
 """
 
 from __future__ import annotations
@@ -18,16 +22,20 @@ import torch.nn.functional as F
 from emsynth.data.volume import Volume
 from emsynth.engine.checkpoint import unwrap
 from emsynth.engine.task import StepContext, Task
-from emsynth.gan.config import GanConfig
+from emsynth.errors import EmsynthError
+from emsynth.gan.augment import diff_augment
+from emsynth.gan.config import GanConfig, stored_config
 from emsynth.gan.data import Conditioning, PairSampler, unit_to_image
 from emsynth.gan.losses import (
+    dice_loss,
     discriminator_loss,
     feature_matching_loss,
     generator_adversarial_loss,
+    weighted_l1,
 )
 from emsynth.gan.networks import (
     MultiScaleDiscriminator,
-    UNetGenerator,
+    build_generator,
     frozen,
     patch_logits,
     split_pairs,
@@ -38,7 +46,7 @@ from emsynth.io import atomic_write_bytes
 VAL_CROPS = 8
 GRID_CROPS = 4
 #: The step's losses in the order returned (the progress line shows the first four).
-LOSS_NAMES = ("fm", "d", "g_adv", "l1", "g", "d_real", "d_fake")
+LOSS_NAMES = ("fm", "d", "g_adv", "l1", "g", "d_real", "d_fake", "l1_weighted", "consistency")
 
 
 def linear_decay(total_steps: int, decay_start: float):
@@ -69,15 +77,18 @@ class GanTask(Task):
         self.grid_crops = shown.fixed(GRID_CROPS, seed=1)
 
     def task_config(self) -> dict[str, Any]:
-        return self.cfg.model_dump(mode="json", exclude={"engine"})
+        return stored_config(self.cfg)
 
     # --- engine hooks -----------------------------------------------------------------------
 
     def setup(self, ctx: StepContext) -> None:
         model, optim = self.cfg.model, self.cfg.optim
         channels = len(self.conditioning.channels)
-        generator = UNetGenerator(channels, 1, model.ngf).to(ctx.device)
-        discriminator = MultiScaleDiscriminator(channels + 1, model.ndf, model.n_scales)
+        generator = build_generator(model.arch, channels, model.ngf,
+                                    model.decoder_noise).to(ctx.device)
+        discriminator = MultiScaleDiscriminator(channels + 1, model.ndf, model.n_scales,
+                                                downsample=model.d_downsample,
+                                                spectral_norm=model.spectral_norm)
         self.modules = {
             "generator": ctx.wrap(generator),
             "discriminator": ctx.wrap(discriminator.to(ctx.device)),
@@ -95,6 +106,58 @@ class GanTask(Task):
             name: torch.optim.lr_scheduler.LambdaLR(opt, decay)
             for name, opt in self.optimizers.items()
         }
+        self.consistency_net = None
+        if self.cfg.loss.consistency_weight > 0:
+            self.consistency_net = self._frozen_segmenter(ctx.device)
+
+    def _frozen_segmenter(self, device: torch.device) -> Any:
+        """The consistency loss's mito segmenter: loaded once, eval mode, no parameter ever
+        requires a gradient, and not one of `modules` (not trained, not checkpointed)."""
+        from emsynth.segment.model import Segmenter
+
+        segmenter = Segmenter.load(self.cfg.loss.consistency_segmenter, device)
+        unknown = [c for c in segmenter.channel_names
+                   if c != "image" and c not in self.conditioning.channels]
+        if unknown:
+            raise EmsynthError(
+                f"{self.cfg.loss.consistency_segmenter}: the consistency segmenter reads "
+                f"{unknown[0]!r}, which the GAN does not condition on. Fix: use a segmenter of "
+                f"the image (and conditioning masks) only"
+            )
+        segmenter.net.eval().requires_grad_(False)
+        return segmenter
+
+    def _segmenter_inputs(self, masks: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """The segmenter's input channels (0-1 scale) from the synthetic image and masks."""
+        channels = []
+        for name in self.consistency_net.channel_names:
+            if name == "image":
+                channels.append((fake + 1) / 2)
+            else:
+                channels.append(self._label(masks, name))
+        return torch.cat(channels, 1)
+
+    def _label(self, masks: torch.Tensor, name: str) -> torch.Tensor:
+        """Conditioning channel `name` as a 0/1 float map (N, 1, H, W)."""
+        index = self.conditioning.channels.index(name)
+        threshold = 0.0 if self.conditioning.mask_range == "-1,1" else 0.5
+        return (masks[:, index:index + 1] > threshold).float()
+
+    def class_weight_map(self, masks: torch.Tensor) -> torch.Tensor:
+        """Per-pixel L1 weight (N, 1, H, W): the largest `loss.class_l1_weights` entry among the
+        classes the pixel belongs to, 1 outside all of them."""
+        weight = torch.ones_like(masks[:, :1])
+        for name, value in self.cfg.loss.class_l1_weights.items():
+            weight = torch.where(self._label(masks, name) > 0,
+                                 torch.maximum(weight, torch.full_like(weight, value)), weight)
+        return weight
+
+    def _augment(self, pairs: torch.Tensor) -> torch.Tensor:
+        """DiffAugment on D's input pairs when configured (the identity otherwise)."""
+        aug = self.cfg.diffaugment
+        if not aug.policy:
+            return pairs
+        return diff_augment(pairs, aug.policy, aug.translation, aug.cutout)
 
     def sample_batch(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sampler.sample(rng, self.cfg.data.batch_size)
@@ -114,6 +177,12 @@ class GanTask(Task):
             fake = self.modules["generator"](masks)
         d_terms = self.update_discriminator(masks, real, fake, ctx)
         g_terms = self.update_generator(masks, real, fake, ctx)
+        # optim.g_steps_per_d > 1: more G updates against the same D, each with a fresh G
+        # pass (new dropout and noise draws) on the same batch; the last one's losses are logged.
+        for _ in range(self.cfg.optim.g_steps_per_d - 1):
+            with ctx.autocast():
+                fake = self.modules["generator"](masks)
+            g_terms = self.update_generator(masks, real, fake, ctx)
         terms = {**d_terms, **g_terms}
         return {name: terms[name].item() for name in LOSS_NAMES if name in terms}
 
@@ -123,10 +192,11 @@ class GanTask(Task):
         with G cut off (`fake` detached). Returns `d` and the mean logits `d_real`, `d_fake`."""
         with ctx.autocast():
             pairs = torch.cat([torch.cat([masks, fake.detach()], 1), torch.cat([masks, real], 1)])
-            feats = self.modules["discriminator"](pairs)
+            feats = self.modules["discriminator"](self._augment(pairs))
         fake_feats, real_feats = split_pairs(feats, masks.shape[0])
         real_logits, fake_logits = patch_logits(real_feats), patch_logits(fake_feats)
-        loss_d = discriminator_loss(real_logits, fake_logits, self.cfg.loss.adversarial)
+        loss_d = discriminator_loss(real_logits, fake_logits, self.cfg.loss.adversarial,
+                                    self.cfg.loss.scale_weights)
         self._update("discriminator", loss_d)
         return {"d": loss_d, "d_real": _mean_logit(real_logits),
                 "d_fake": _mean_logit(fake_logits)}
@@ -134,9 +204,12 @@ class GanTask(Task):
     def update_generator(self, masks: torch.Tensor, real: torch.Tensor, fake: torch.Tensor,
                          ctx: StepContext) -> dict[str, torch.Tensor]:
         """G step (pix2pix `backward_G`): make the updated D call the fake pair real, plus
-        `l1_weight` x L1 to the real image, plus `feature_matching_weight` x feature matching
-        (pix2pixHD) when on. D is frozen: gradients flow through it to G only. Returns `g_adv`,
-        `l1`, `fm` (when on) and the total `g`."""
+        `l1_weight` x L1 to the real image (per-class weighted when `class_l1_weights` are
+        set: then `l1_weighted` is the loss term and `l1` stays the plain L1, for comparison),
+        plus `feature_matching_weight` x feature matching (pix2pixHD) when on, plus
+        `consistency_weight` x (1 - Dice) of the frozen segmenter's mito on the synthetic image
+        when on. D is frozen: gradients flow through it to G only; the segmenter is never
+        updated. Returns `g_adv`, `l1`, `fm`, `l1_weighted`, `consistency` (when on) and `g`."""
         loss_cfg = self.cfg.loss
         use_fm = loss_cfg.feature_matching_weight > 0
         discriminator = unwrap(self.modules["discriminator"])
@@ -145,17 +218,28 @@ class GanTask(Task):
                 fake_pair = torch.cat([masks, fake], 1)
                 # Feature matching compares with the real pair's features under the updated D.
                 d_in = torch.cat([fake_pair, torch.cat([masks, real], 1)]) if use_fm else fake_pair
-                feats = discriminator(d_in)
+                feats = discriminator(self._augment(d_in))
             fake_feats, real_feats = split_pairs(feats, masks.shape[0])
             terms = {
                 "g_adv": generator_adversarial_loss(patch_logits(fake_feats),
-                                                    loss_cfg.adversarial),
+                                                    loss_cfg.adversarial, loss_cfg.scale_weights),
                 "l1": F.l1_loss(fake.float(), real),
             }
-            loss_g = terms["g_adv"] + loss_cfg.l1_weight * terms["l1"]
+            if loss_cfg.class_l1_weights:
+                terms["l1_weighted"] = weighted_l1(fake, real, self.class_weight_map(masks))
+                loss_g = terms["g_adv"] + loss_cfg.l1_weight * terms["l1_weighted"]
+            else:
+                loss_g = terms["g_adv"] + loss_cfg.l1_weight * terms["l1"]
             if use_fm:
-                terms["fm"] = feature_matching_loss(real_feats, fake_feats)
+                terms["fm"] = feature_matching_loss(real_feats, fake_feats,
+                                                    loss_cfg.scale_weights)
                 loss_g = loss_g + loss_cfg.feature_matching_weight * terms["fm"]
+            if self.consistency_net is not None:
+                with ctx.autocast():
+                    logits = self.consistency_net.net(self._segmenter_inputs(masks, fake))
+                terms["consistency"] = dice_loss(torch.sigmoid(logits.float()),
+                                                 self._label(masks, "mito"))
+                loss_g = loss_g + loss_cfg.consistency_weight * terms["consistency"]
             self._update("generator", loss_g)
         return {**terms, "g": loss_g}
 
@@ -167,14 +251,21 @@ class GanTask(Task):
         optimizer.step()
 
     def _generate(self, masks: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """G without dropout (eval), batch by batch: deterministic, comparable across steps."""
+        """G without dropout (eval), batch by batch: deterministic, comparable across steps.
+        Decoder noise, when on, stays on (as at synthesis) with a fixed seed, drawn from a
+        forked generator so that the training stream does not depend on validation."""
         generator = unwrap(self.modules["generator"])
         generator.eval()
         outs = []
-        for start in range(0, masks.shape[0], self.cfg.data.batch_size):
-            with ctx.autocast():
-                outs.append(generator(masks[start:start + self.cfg.data.batch_size]
-                                      .to(ctx.device)).float().cpu())
+        noisy = self.cfg.model.decoder_noise > 0
+        devices = [ctx.device] if noisy and ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=noisy):
+            if noisy:
+                torch.manual_seed(0)
+            for start in range(0, masks.shape[0], self.cfg.data.batch_size):
+                with ctx.autocast():
+                    outs.append(generator(masks[start:start + self.cfg.data.batch_size]
+                                          .to(ctx.device)).float().cpu())
         return torch.cat(outs)
 
     def validate(self, ctx: StepContext) -> dict[str, float]:

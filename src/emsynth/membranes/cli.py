@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from emsynth.engine.cli import TrainOptions, train_options
+from emsynth.engine.cli import TrainOptions, stop_line, train_options
 from emsynth.membranes.config import MITO_FROM_HELP
 from emsynth.options import DeviceOpt, LayoutOpt, PrecisionOpt, ThreadsOpt
 
@@ -97,10 +97,7 @@ def train_cmd(
     opts.overrides = [*opts.overrides, *overrides]
     cfg = opts.load(MembraneConfig)
     result = train_membranes(cfg, opts.run_dir, resume=opts.resume)
-    out.print(
-        f"stopped: {result['stop_reason']} at step {result['step']} ({result['elapsed_s']:.0f} s)",
-        highlight=False,
-    )
+    out.print(stop_line(result), highlight=False)
     final = result["final"]
     if final:
         out.print(

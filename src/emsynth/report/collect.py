@@ -106,7 +106,10 @@ def load_results(study_dir: str | Path) -> StudyResults:
     for info in infos:
         if info.kind != "eval" or info.result is None:
             continue
-        where = (info.labels["regime"], info.labels["condition"])
+        condition = info.labels["condition"]
+        if info.labels.get("variant"):  # an ablation variant: kept apart from the main grid
+            condition = f"{condition} [{info.labels['variant']}]"
+        where = (info.labels["regime"], condition)
         for metric in METRICS:
             results.scores[metric].setdefault(where, {})[int(info.labels["seed"])] = float(
                 info.result[metric])

@@ -92,6 +92,28 @@ def per_seed_table(results: StudyResults) -> TableData:
     return TableData("Per-seed test scores (IoU / Dice)", header, rows)
 
 
+def ablation_table(results: StudyResults, metric: str = "iou") -> TableData | None:
+    """The mask layout x strategy ablation (segment cells with a `variant` label): each
+    variant's mean ± CI and its paired difference from real-only at the same regime."""
+    variants = sorted(key for key in results.scores[metric] if " [" in key[1])
+    if not variants:
+        return None
+    rows = []
+    for regime in results.regimes:
+        mine = [c for r, c in variants if r == regime]
+        if not mine:
+            continue
+        for condition in [MIXED, *mine]:
+            label = condition.split(" [", 1)[1].rstrip("]") if " [" in condition else \
+                f"{MIXED} (main recipe)"
+            rows.append([regime, label, results.summary(metric, regime, condition).text(),
+                         _diff_text(results.difference(metric, regime, condition, REAL))])
+    note = (f"{len(rows)} comparisons with real-only (unadjusted 95% CIs: with this many, "
+            "some intervals exclude 0 by chance; choose the recipe on validation, not here).")
+    return TableData(f"Ablation: mask layout x strategy (test {METRIC_NAMES[metric]})",
+                     ["regime", "variant", "mean ± CI", f"variant − {REAL} (paired)"], rows, note)
+
+
 def gan_table(results: StudyResults) -> TableData | None:
     rows = []
     for info in results.cells:
@@ -285,7 +307,7 @@ def write_report(results: StudyResults) -> tuple[Path, Path]:
     """Write figures/*.png, report.md and report.html into the study folder."""
     study_dir = results.study_dir
     tables = [score_table(results, "iou"), score_table(results, "dice"), per_seed_table(results)]
-    extra = [t for t in (gan_table(results),) if t is not None]
+    extra = [t for t in (ablation_table(results), gan_table(results)) if t is not None]
     figures = build_figures(results)
     for figure in figures:
         atomic_write_bytes(study_dir / figure.file, figure.png)

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from emsynth.engine.cli import TrainOptions, train_options
+from emsynth.engine.cli import TrainOptions, stop_line, train_options
 from emsynth.errors import input_error
 from emsynth.io import atomic_write_text
 from emsynth.options import DeviceOpt, LayoutOpt, PrecisionOpt
@@ -85,9 +85,7 @@ def train_cmd(
     volume = _read(data, layout, mask_dir, label, None)
     meta = {"data": str(data), "layout": layout, "mask_dir": mask_dir}
     result = train_segmenter(cfg, volume, opts.run_dir, resume=opts.resume, meta=meta)
-    out.print(
-        f"stopped: {result['stop_reason']} at step {result['step']} ({result['elapsed_s']:.0f} s)"
-    )
+    out.print(stop_line(result), highlight=False)
     final = result["final"]
     if final:
         out.print(
@@ -97,6 +95,110 @@ def train_cmd(
             highlight=False,
         )
     out.print(f"model: {opts.run_dir / MODEL_DIR}", highlight=False)
+
+
+BlockOpt = Annotated[
+    str | None,
+    typer.Option("--block", help="Blockwise prediction in blocks (= output chunks) of z,y,x "
+                 "voxels, e.g. 8,1024,1024 (default for a .zarr OUT: 8,1024,1024)."),
+]
+ShardIdOpt = Annotated[
+    int, typer.Option("--shard-id", min=0, help="This process's shard (0 .. num-shards - 1).")
+]
+NumShardsOpt = Annotated[
+    int, typer.Option("--num-shards", min=1, help="Processes splitting the blocks of one run.")
+]
+DEFAULT_BLOCK = (8, 1024, 1024)
+
+
+def mps_progress(label: str):
+    """A progress-bar factory for blockwise runs: voxels done, MP/s and ETA on stderr."""
+    import contextlib
+
+    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class MPS(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{task.completed / 1e6:.1f}/{task.total / 1e6:.1f} MP "
+                        f"{(speed or 0) / 1e6:.2f} MP/s")
+
+    @contextlib.contextmanager
+    def factory(total: int):
+        progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MPS(), TextColumn("eta"),
+                            TimeRemainingColumn(), console=Console(stderr=True))
+        with progress:
+            bar = progress.add_task(label, total=total)
+            yield lambda n: progress.advance(bar, n)
+
+    return factory
+
+
+def parse_block(text: str | None):
+    if text is None:
+        return DEFAULT_BLOCK
+    try:
+        block = tuple(int(tok) for tok in text.split(","))
+    except ValueError:
+        block = ()
+    if len(block) != 3 or min(block) < 1:
+        raise input_error("--block", f"{text!r} is not three positive integers z,y,x",
+                          "e.g. --block 8,1024,1024")
+    return block
+
+
+def _predict_blockwise(input_path, model, out_dir, tta, layout, mask_dir, label, slices,
+                       float_prob, device, precision, block, shard_id, num_shards) -> None:
+    from emsynth.data.readers import open_lazy
+    from emsynth.engine.device import autocast_factory, resolve_device, resolve_precision
+    from emsynth.segment.blockwise import BlockwiseModel, predict_to_ome_zarr
+    from emsynth.segment.infer import window_size
+    from emsynth.segment.model import Segmenter
+
+    if shard_id >= num_shards:
+        raise input_error("--shard-id", f"{shard_id} is not below --num-shards {num_shards}",
+                          f"use 0 .. {num_shards - 1}")
+    if slices is not None:
+        raise input_error("--slices", "does not apply to blockwise prediction",
+                          "drop --slices (blocks cover the whole volume) or write TIFFs")
+    if out_dir.suffix != ".zarr":
+        raise input_error(out_dir, "blockwise prediction writes an OME-Zarr",
+                          "name --out NAME.ome.zarr")
+    block_shape = parse_block(block)
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
+    segmenter = Segmenter.load(model, device=dev)
+    if segmenter.channel_names != ["image"]:
+        raise input_error(model, f"model reads channels {segmenter.channel_names}; blockwise "
+                          "prediction feeds the image only", "predict without --block into TIFFs")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*no ground truth.*")
+        source, scale, described = open_lazy(input_path, layout, mask_dir=mask_dir, label=label)
+    infer = segmenter.infer
+    use_tta = infer.tta if tta is None else tta
+    window = window_size(source.shape[-2], source.shape[-1], infer.window,
+                         segmenter.model.divisor)
+    bw_model = BlockwiseModel(segmenter.net, window, infer.overlap, infer.blend,
+                              infer.sw_batch_size, use_tta, dev, autocast_factory(dev, precision))
+    signature = {"input": str(Path(input_path).resolve()), "model": str(Path(model).resolve()),
+                 "threshold": segmenter.threshold, "tta": use_tta, "target": segmenter.target_name,
+                 "window": list(window), "overlap": infer.overlap}
+    result = predict_to_ome_zarr(
+        bw_model, source, out_dir, threshold=segmenter.threshold,
+        label=segmenter.target_name or label, block=block_shape, scale_nm=scale,
+        float_prob=float_prob, shard_id=shard_id, num_shards=num_shards, signature=signature,
+        progress_factory=mps_progress(f"predict {shard_id + 1}/{num_shards}"),
+    )
+    mps = result["voxels"] / 1e6 / max(result["elapsed_s"], 1e-9) if result["predicted"] else 0
+    state = "complete" if result["complete"] else f"{result['done']}/{result['blocks']} blocks done"
+    out.print(
+        f"{described} -> {out_dir} (image: probabilities, labels/{segmenter.target_name or label}:"
+        f" mask at {segmenter.threshold:.3f}); shard {shard_id}/{num_shards}: "
+        f"{result['predicted']} blocks predicted, {result['skipped']} already done, "
+        f"{mps:.2f} MP/s; {state}",
+        highlight=False,
+    )
 
 
 @app.command("predict")
@@ -121,11 +223,23 @@ def predict_cmd(
     ] = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    block: BlockOpt = None,
+    shard_id: ShardIdOpt = 0,
+    num_shards: NumShardsOpt = 1,
 ) -> None:
     """Write probability and binary-mask TIFF stacks (OUT/prob.tif, OUT/mask.tif) for a volume.
 
     The mask uses the threshold chosen on validation and saved with the model.
+
+    With OUT ending in .zarr (or --block given) the prediction runs blockwise with bounded
+    memory into an OME-Zarr: the probabilities as its image, the mask as labels/<target>. Each
+    finished block leaves a done-marker, so rerunning the same command resumes a killed run;
+    --shard-id/--num-shards split the blocks across processes writing the same OUT.
     """
+    if block is not None or out_dir.suffix == ".zarr" or num_shards > 1:
+        _predict_blockwise(input_path, model, out_dir, tta, layout, mask_dir, label, slices,
+                           float_prob, device, precision, block, shard_id, num_shards)
+        return
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

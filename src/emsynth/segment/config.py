@@ -34,6 +34,14 @@ class DataConfig(StrictModel):
         description="Size of the contiguous z block at the end used for validation when "
         "val_slices is not given (0 = no validation).",
     )
+    val_gap: int = Field(
+        0,
+        ge=0,
+        description="Slices on each side of the validation block left out of the default "
+        "training slices (neighbouring slices correlate at ~0.9, so 0 makes validation "
+        "optimistic); emsynth.data.slices.DEFAULT_GAP (5) is the study's. 0 keeps earlier "
+        "figures comparable.",
+    )
 
     @model_validator(mode="after")
     def _inputs_nonempty(self) -> DataConfig:

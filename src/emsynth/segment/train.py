@@ -46,7 +46,15 @@ def resolve_split(cfg: SegmentConfig, n_slices: int) -> SliceSplit:
     if d.train_slices is not None:
         train_idx = parse_slices(d.train_slices, n_slices, "training slices")
     else:
-        train_idx = [i for i in range(n_slices) if i not in set(val)]
+        held = set(val)
+        if val and d.val_gap:
+            held |= set(range(val[0] - d.val_gap, val[0])) | set(
+                range(val[-1] + 1, val[-1] + 1 + d.val_gap))
+        train_idx = [i for i in range(n_slices) if i not in held]
+        if not train_idx:
+            raise EmsynthError(
+                f"validation block {val[0]}-{val[-1]} with a gap of {d.val_gap} leaves no "
+                f"training slices in {n_slices}. Fix: lower data.val_gap or data.val_block")
     overlap = sorted(set(train_idx) & set(val))
     if overlap:
         raise EmsynthError(

@@ -3,9 +3,10 @@
 - membrane-model: trains the membrane model (emsynth.membranes) when the config names a
   training config instead of a trained model;
 - membranes: predicted membrane masks of the data's slices, cached slice by slice;
-- gan: trains pix2pix on one regime x seed's real data only, then synthesises S images;
-- segment: trains one mitochondria U-Net (real, real+synthetic or synthetic data) and
-  chooses its threshold on the validation block;
+- gan: trains pix2pix on one regime x seed's real data only, then synthesises S images from
+  each mask layout the study asks for (emsynth.synthesis.masks.layout_masks);
+- segment: trains one mitochondria U-Net (real, real+synthetic with a strategy: replace, add
+  or pretrain, or synthetic data) and chooses its threshold on the validation block;
 - eval: scores one trained segmenter on the test set.
 
 Each function does the work into its cell folder and returns the result the runner records.
@@ -13,6 +14,8 @@ Each function does the work into its cell folder and returns the result the runn
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,7 @@ from emsynth.segment.sampling import (
     segment_data,
 )
 from emsynth.segment.task import SegmentTask
-from emsynth.segment.train import fit_task
+from emsynth.segment.train import FINAL_METRICS, fit_task
 from emsynth.study import data as study_data
 from emsynth.study.cache import Cell, hash_arrays
 from emsynth.study.config import StudyConfig
@@ -163,10 +166,24 @@ def folder_membranes(folder: Path, volume: Volume) -> np.ndarray:
 
 # --- GAN and synthesis -----------------------------------------------------------------------
 
-def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch.device
-            ) -> dict[str, Any]:
+def synthetic_dir(layout: str, main: str) -> str:
+    """The GAN cell's folder of one layout's images: synthetic/ for the study's own layout
+    (synthesis.masks), synthetic-<layout>/ for the ablation's others."""
+    return SYNTHETIC_DIR if layout == main else f"{SYNTHETIC_DIR}-{layout}"
+
+
+def synthetic_count(cfg: StudyConfig, n_slices: int) -> int:
+    """Synthetic images of a regime: synthesis.count, or count_per_slice per real slice."""
+    s = cfg.synthesis
+    return s.count if s.count_per_slice is None else max(s.count, s.count_per_slice * n_slices)
+
+
+def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch.device,
+            layouts: list[str] | None = None) -> dict[str, Any]:
     """Train the GAN on `real` alone (its conditioning labels included), then synthesise
-    `cfg.synthesis.count` images from deformed real masks or procedural masks."""
+    `synthetic_count` images from the masks of each layout (`layouts`, the first being the
+    study's own, synthesis.masks; emsynth.synthesis.masks.layout_masks), built from `real`'s
+    masks only."""
     from emsynth.gan.export import load_generator
     from emsynth.gan.inference import synthesize_volume
     from emsynth.gan.train import train_gan
@@ -188,82 +205,216 @@ def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch
     generator, conditioning, _ = load_generator(cell.dir / GAN_RUN, device)
 
     s = cfg.synthesis
-    if s.masks == "real":
-        masks = mask_sources.deformed_masks(real, channels, s.count, s.size, seed,
-                                            s.elastic_sigma, s.elastic_spacing, s.scale_range)
-        mask_source = "real masks, deformed"
-    else:
-        masks, mask_source = mask_sources.procedural_masks(
-            real, channels, s.count, s.size, seed, s.procedural_domain, s.procedural_fit)
-    volume = mask_sources.mask_volume(masks, mask_source)
+    main = "deformed" if s.masks == "real" else s.masks
+    layouts = layouts or [main]
+    count = synthetic_count(cfg, len(real))
     precision = resolve_precision(gan_cfg.engine.precision, device)
-    synthetic = synthesize_volume(generator, volume, conditioning, dropout=s.dropout, seed=seed,
-                                  device=device, precision=precision)
-    write_slice_folder(synthetic, cell.dir / SYNTHETIC_DIR)
-    save_preview(cell.dir / PREVIEW, **preview_of(synthetic, channels))
+    per_layout: dict[str, dict[str, Any]] = {}
+    for layout in layouts:
+        masks, mask_source = mask_sources.layout_masks(layout, real, channels, count, s.size,
+                                                       seed, s)
+        volume = mask_sources.mask_volume(masks, mask_source)
+        synthetic = synthesize_volume(generator, volume, conditioning, dropout=s.dropout,
+                                      seed=seed, device=device, precision=precision)
+        folder = synthetic_dir(layout, main)
+        write_slice_folder(synthetic, cell.dir / folder)
+        preview = PREVIEW if layout == main else f"preview-{layout}.npz"
+        save_preview(cell.dir / preview, **preview_of(synthetic, channels))
+        per_layout[layout] = {
+            "folder": folder,
+            "size": list(synthetic.shape[1:]),
+            "mask_source": mask_source,
+            "mito_fraction_synthetic": float(synthetic.labels[MITO].mean()),
+            "mean_intensity_synthetic": float(synthetic.image.mean()),
+            "synthetic_key": hash_arrays(synthetic.image, synthetic.labels[MITO]),
+        }
     save_preview(cell.dir / REAL_PREVIEW, **preview_of(conditioned, channels))
-    return {
+    first = per_layout[layouts[0]]
+    out = {
         "gan": {k: v for k, v in result.items() if isinstance(v, (int, float, str))},
-        "synthetic_count": len(synthetic),
-        "synthetic_size": list(synthetic.shape[1:]),
-        "mask_source": mask_source,
+        "synthetic_count": count,
+        "synthetic_size": first["size"],
         "mito_fraction_real": float(real.labels[MITO].mean()),
-        "mito_fraction_synthetic": float(synthetic.labels[MITO].mean()),
         "mean_intensity_real": float(real.image.mean()),
-        "mean_intensity_synthetic": float(synthetic.image.mean()),
-        "synthetic_key": hash_arrays(synthetic.image, synthetic.labels[MITO]),
+        **{k: v for k, v in first.items() if k not in ("folder", "size")},
     }
+    if len(layouts) > 1:
+        out["layouts"] = per_layout
+    return out
 
 
-def synthetic_data(gan_cell: Cell) -> SegmentData:
-    volume = read_volume(gan_cell.dir / SYNTHETIC_DIR, "slices")
+def synthetic_data(gan_cell: Cell, folder: str = SYNTHETIC_DIR) -> SegmentData:
+    volume = read_volume(gan_cell.dir / folder, "slices")
     return segment_data(volume, [IMAGE], MITO)
 
 
 # --- segmenters ------------------------------------------------------------------------------
 
-def segment_config(cfg: StudyConfig, seed: int) -> SegmentConfig:
+def segment_config(cfg: StudyConfig, seed: int, steps: int | None = None) -> SegmentConfig:
     """The segmenter config of every condition of one seed: same budget, augmentation and
-    initialisation seed, so conditions differ only in their data."""
-    engine = cfg.segment.engine.model_copy(update={"seed": seed})
+    initialisation seed, so conditions differ only in their data. `steps`: the regime's fixed
+    step budget (RegimeConfig.steps), else segment.engine.steps."""
+    update: dict[str, Any] = {"seed": seed}
+    if steps is not None:
+        update["steps"] = steps
+    engine = cfg.segment.engine.model_copy(update=update)
     return cfg.segment.model_copy(update={"engine": engine})
 
 
+def with_steps(seg_cfg: SegmentConfig, steps: int) -> SegmentConfig:
+    return seg_cfg.model_copy(update={"engine": seg_cfg.engine.model_copy(
+        update={"steps": steps})})
+
+
+class AddSampler:
+    """Every real crop of a real-only run, synthetic crops on top: over `total_steps` batches
+    of `batch_size` crops, exactly `real_crops` come from the real sampler, spread evenly
+    (batch i holds floor((i+1) q) - floor(i q) real crops, q = real_crops / total_steps), the
+    rest from the synthetic one. The batch counter is saved with the checkpoint."""
+
+    def __init__(self, real: PatchSampler, synthetic: PatchSampler, real_crops: int,
+                 total_steps: int):
+        self.real, self.synthetic = real, synthetic
+        self.real_crops, self.total_steps = real_crops, total_steps
+        self.batches = 0
+        self.real_drawn = 0
+
+    def real_count(self, i: int) -> int:
+        if i >= self.total_steps:
+            return 0
+        return (self.real_crops * (i + 1)) // self.total_steps - (self.real_crops * i) // \
+            self.total_steps
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        n_real = min(self.real_count(self.batches), batch_size)
+        self.batches += 1
+        self.real_drawn += n_real
+        parts = [sampler.sample(rng, n) for sampler, n in
+                 ((self.real, n_real), (self.synthetic, batch_size - n_real)) if n]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self.batches, "real_drawn": self.real_drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches = int(state.get("batches", 0))
+        self.real_drawn = int(state.get("real_drawn", 0))
+
+
+class StudySegmentTask(SegmentTask):
+    """A SegmentTask that may start from given weights (`init_state`: the pretrain strategy's
+    fine-tuning) and checkpoints its sampler's state (AddSampler's batch counter)."""
+
+    def __init__(self, cfg: SegmentConfig, train: SegmentData, val: SegmentData | None = None,
+                 init_state: dict[str, torch.Tensor] | None = None):
+        super().__init__(cfg, train, val)
+        self.init_state = init_state
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        if self.init_state is not None:  # a resumed checkpoint replaces these afterwards
+            self.net.load_state_dict(self.init_state)
+
+    def extra_state(self) -> dict[str, Any]:
+        state = super().extra_state()
+        if hasattr(self.sampler, "state_dict"):
+            state["sampler"] = self.sampler.state_dict()
+        return state
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        if hasattr(self.sampler, "load_state_dict") and "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
+
+
+PRETRAIN_RUN = "pretrain"
+
+
 def run_segment(cell: Cell, cfg: StudyConfig, condition: str, seed: int, real: SegmentData,
-                synthetic: SegmentData | None, val: SegmentData) -> dict[str, Any]:
+                synthetic: SegmentData | None, val: SegmentData, *, steps: int | None = None,
+                strategy: str | None = None, share: float | None = None) -> dict[str, Any]:
     """Train one segmenter with the segment stage's `fit_task` (threshold chosen on `val`),
     exporting the model to the cell's model/ beside its run/.
 
-    real+synthetic draws each crop of a batch from the synthetic images with probability
-    `mix.synthetic_share` (a MixedSampler), else from the real data. Only the regime's real
-    data, the synthetic images and the validation block reach the task: never the test block.
+    `steps`: the regime's real-only step budget. real and synthetic train that many steps.
+    real+synthetic follows `strategy` (default mix.strategy) with `share` (default
+    mix.synthetic_share): replace draws each crop of a batch from the synthetic images with
+    probability `share` (a MixedSampler), same steps; add keeps exactly the real-only run's
+    real crops (steps x batch size) and fills the batches up with synthetic crops, over
+    steps / (1 - share) steps (AddSampler); pretrain trains on the synthetic images alone
+    (mix.pretrain_steps, default `steps`) into pretrain/, then fine-tunes those weights on the
+    real data with the real-only recipe. Only the regime's real data, the synthetic images and
+    the validation block reach the task: never the test block.
     """
-    seg_cfg = segment_config(cfg, seed)
+    seg_cfg = segment_config(cfg, seed, steps)
+    base_steps = seg_cfg.engine.steps
+    strategy = strategy or cfg.mix.strategy
+    share = cfg.mix.synthetic_share if share is None else share
     if condition != REAL and synthetic is None:
         raise ValueError(f"condition {condition} needs synthetic data")
-    task = SegmentTask(seg_cfg, synthetic if condition == SYNTHETIC else real, val)
-    if condition == MIXED:
-        p = seg_cfg.sampling
-        share = cfg.mix.synthetic_share
+    p = seg_cfg.sampling
+    extra: dict[str, Any] = {}
+    init_state = None
+    if condition == MIXED and strategy == "add":
+        total = math.ceil(base_steps / (1.0 - share))
+        seg_cfg = with_steps(seg_cfg, total)
+    elif condition == MIXED and strategy == "pretrain":
+        pre_steps = cfg.mix.pretrain_steps or base_steps
+        pre_dir = cell.dir / PRETRAIN_RUN
+        pre_model = pre_dir / MODEL_DIR
+        if not (pre_model / WEIGHTS).is_file():
+            pre = fit_task(StudySegmentTask(with_steps(seg_cfg, pre_steps), synthetic, val),
+                           pre_dir, resume=True, meta={"condition": condition, "seed": seed,
+                                                       "phase": "pretrain"})
+            check_finished(pre, cell.dir)
+        pretrained = Segmenter.load(pre_model, torch.device("cpu"))
+        init_state = {k: v.detach().clone() for k, v in pretrained.net.state_dict().items()}
+        pre_record = json.loads((pre_dir / FINAL_METRICS).read_text())
+        extra["pretrain"] = {"steps": pre_record["engine"].get("step"),
+                             "stop_reason": pre_record["engine"].get("stop_reason"),
+                             "validation": pre_record["final"],
+                             "weights_key": state_key(init_state)}
+    train = synthetic if condition == SYNTHETIC else real
+    task = StudySegmentTask(seg_cfg, train, val, init_state)
+    if condition == MIXED and strategy == "replace":
         task.sampler = MixedSampler(
             [task.sampler, PatchSampler(synthetic, p.patch_size, p.foreground_fraction)],
             [1.0 - share, share],
         )
+    elif condition == MIXED and strategy == "add":
+        task.sampler = AddSampler(
+            task.sampler, PatchSampler(synthetic, p.patch_size, p.foreground_fraction),
+            real_crops=base_steps * p.batch_size, total_steps=seg_cfg.engine.steps)
     result = fit_task(task, cell.dir / SEGMENT_RUN, resume=True,
                       meta={"condition": condition, "seed": seed}, model_dir=cell.dir / MODEL_DIR)
     check_finished(result, cell.dir)
-    return {
+    if isinstance(task.sampler, AddSampler):
+        extra["real_crops"] = task.sampler.real_drawn
+    elif condition == REAL or (condition == MIXED and strategy == "pretrain"):
+        extra["real_crops"] = int(result["step"]) * p.batch_size
+    out = {
         "condition": condition,
         "threshold": result["threshold"],
         "validation": result["final"],
         "steps": result["step"],
+        "steps_planned": seg_cfg.engine.steps,
         "train_s": result["elapsed_s"],
         "stop_reason": result["stop_reason"],
         "loss": result.get("loss"),
         "threshold_rule": result["threshold_rule"],
         "real_images": 0 if condition == SYNTHETIC else len(real),
         "synthetic_images": 0 if condition == REAL else len(synthetic),
+        **extra,
     }
+    if condition == MIXED:
+        out.update({"strategy": strategy,
+                    "synthetic_share": None if strategy == "pretrain" else share})
+    return out
+
+
+def state_key(state: dict[str, torch.Tensor]) -> str:
+    """A content hash of a network's weights."""
+    return hash_arrays(*[state[k].detach().cpu().float().numpy() for k in sorted(state)])
 
 
 def run_eval(cell: Cell, segment_cell: Cell, test: Volume, device: torch.device,

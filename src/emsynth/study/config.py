@@ -19,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 
 from emsynth.config import StrictModel
 from emsynth.data.phantom.config import PhantomConfig
+from emsynth.data.slices import DEFAULT_GAP
 from emsynth.gan.config import GanConfig, GanDataConfig
 from emsynth.segment.config import (
     DataConfig,
@@ -30,6 +31,8 @@ from emsynth.segment.config import (
 from emsynth.study.layout import CONDITIONS, REAL
 
 Condition = Literal["real", "real+synthetic", "synthetic"]
+Layout = Literal["real", "deformed", "remodel", "procedural"]
+Strategy = Literal["replace", "add", "pretrain"]
 
 
 class SourceConfig(StrictModel):
@@ -69,7 +72,8 @@ class SplitConfig(StrictModel):
         30, ge=0, description="Slices of the test block (0 when the test set is another volume)."
     )
     gap: int = Field(
-        5, ge=0, description="Slices left out between blocks (neighbours are near-duplicates)."
+        DEFAULT_GAP, ge=0,
+        description="Slices left out between blocks (neighbours are near-duplicates).",
     )
 
 
@@ -82,6 +86,12 @@ class RegimeConfig(StrictModel):
     )
     crop: int | None = Field(
         None, ge=16, description="Square crop side at a random position; None = whole slices."
+    )
+    steps: int | None = Field(
+        None, ge=1,
+        description="Fixed step budget of this regime's real-only segmenter (the other "
+        "conditions derive theirs from it); None = segment.engine.steps. segment.engine."
+        "max_time stays a safety net.",
     )
     min_foreground: float = Field(
         0.02, ge=0, lt=1,
@@ -143,10 +153,29 @@ class SynthesisConfig(WarpConfig):
 
     count: int = Field(64, ge=1, description="Synthetic images (S) per regime and seed.")
     size: int = Field(256, ge=16, description="Side of each synthetic image (px).")
-    masks: Literal["real", "procedural"] = Field(
+    masks: Layout = Field(
         "real",
-        description="real: random crops of the regime's own masks, elastically deformed and "
-        "flipped/rotated; procedural: phantom masks (emsynth.data.phantom.generate_masks).",
+        description="Mask layout (emsynth.synthesis.masks.layout_masks), built only from the "
+        "regime's own annotation. deformed (or its older name real): random crops of the "
+        "regime's masks, elastically deformed and flipped/rotated; remodel: the regime's "
+        "membranes warped elastically and its own mitochondria pasted into the cells; "
+        "procedural: phantom masks (emsynth.data.phantom.generate_masks) fitted to them.",
+    )
+    remodel_spacing: int = Field(
+        20, ge=4, description="remodel: control-point spacing (px) of the membrane warp."
+    )
+    remodel_jitter: float = Field(
+        4.0, ge=0, description="remodel: std (px) of the control points' displacements."
+    )
+    remodel_scale: float = Field(
+        0.2, ge=0, lt=1,
+        description="remodel: pasted mitochondria are zoomed by 1 +- this, within the observed "
+        "range of profile areas.",
+    )
+    count_per_slice: int | None = Field(
+        None, ge=1,
+        description="Scale the synthetic count with the regime: this many images per real "
+        "slice (a crop counts as one), at least `count`; None = `count` for every regime.",
     )
     elastic_sigma: ElasticSigma = 10.0
     scale_range: ScaleRange = 0.1
@@ -162,8 +191,34 @@ class SynthesisConfig(WarpConfig):
 
 
 class MixConfig(StrictModel):
+    """How the real+synthetic condition uses the synthetic images."""
+
+    strategy: Strategy = Field(
+        "replace",
+        description="replace: each crop of a batch is synthetic with probability "
+        "synthetic_share, same steps as real-only (synthetic crops displace real ones); add: "
+        "every real crop of the real-only run kept, synthetic crops on top (each batch holds "
+        "batch_size real crops in all over the run, the steps raised by 1/(1 - "
+        "synthetic_share)); pretrain: train on synthetic images only (pretrain_steps), then "
+        "fine-tune on the real data with the real-only recipe from those weights.",
+    )
     synthetic_share: float = Field(
-        0.5, gt=0, lt=1, description="Expected share of synthetic crops in a real+synthetic batch."
+        0.5, gt=0, lt=1, description="replace/add: share of synthetic crops in a batch."
+    )
+    pretrain_steps: int | None = Field(
+        None, ge=1, description="pretrain: steps on synthetic images; None = the real-only steps."
+    )
+
+
+class AblationConfig(StrictModel):
+    """Extra real+synthetic segmenters: every mask layout x strategy at some regimes, sharing
+    the main grid's GAN (one per regime x seed) and its real-only and synthetic-only cells."""
+
+    regimes: list[str] = Field(default_factory=list, description="Regime names (e.g. 1slice).")
+    layouts: list[Layout] = Field(default_factory=lambda: ["deformed", "remodel", "procedural"])
+    strategies: list[Strategy] = Field(default_factory=lambda: ["add", "replace", "pretrain"])
+    synthetic_share: float = Field(
+        0.25, gt=0, lt=1, description="The share of the ablation's replace and add variants."
     )
 
 
@@ -183,6 +238,9 @@ class StudyConfig(StrictModel):
     gan: GanConfig = Field(default_factory=GanConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
+    ablation: AblationConfig | None = Field(
+        None, description="Mask layout x strategy ablation (real+synthetic only); None = none."
+    )
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
     num_threads: int | None = Field(
         None, ge=1,
@@ -233,9 +291,30 @@ class StudyConfig(StrictModel):
                              f"{crop} px training crop (gan.data.crop); use crop >= {crop}")
         return self
 
+    @model_validator(mode="after")
+    def _ablation_regimes(self) -> StudyConfig:
+        if self.ablation is None:
+            return self
+        names = {r.name for r in self.regimes}
+        unknown = [r for r in self.ablation.regimes if r not in names]
+        if unknown:
+            raise ValueError(f"ablation.regimes: {unknown[0]!r} is not a regime (have "
+                             f"{', '.join(sorted(names))})")
+        return self
+
     @property
     def uses_synthetic(self) -> bool:
-        return any(c != REAL for c in self.conditions)
+        return any(c != REAL for c in self.conditions) or bool(
+            self.ablation and self.ablation.regimes)
+
+    def layouts(self, regime: str) -> list[str]:
+        """The mask layouts a regime's GAN cell synthesises: synthesis.masks first, then the
+        ablation's others (deformed and real are one layout)."""
+        main = "deformed" if self.synthesis.masks == "real" else self.synthesis.masks
+        out = [main]
+        if self.ablation is not None and regime in self.ablation.regimes:
+            out += [layout if layout != "real" else "deformed" for layout in self.ablation.layouts]
+        return list(dict.fromkeys(out))
 
     def gan_config(self) -> GanConfig:
         """The GAN config as trained by the study: no held-out slices (the regime's data is

@@ -111,9 +111,12 @@ def fit_domain(
         domain = PhantomDomain.model_validate({**domain.model_dump(), **update})
         history.append(update)
     settled = history[len(history) // 2 :]
-    mean = {k: float(np.exp(np.mean([np.log(h[k]) for h in settled]))) for k in settled[0]}
+    # A key can be missing from some iterations (the aspect, where a small slice held no
+    # measurable mitochondrion): average each over the iterations that set it.
+    keys = list(dict.fromkeys(k for h in settled for k in h))
+    mean = {k: float(np.exp(np.mean([np.log(h[k]) for h in settled if k in h]))) for k in keys}
     if "mito_aspect" in mean:  # average the elongation, not the aspect itself
         mean["mito_aspect"] = 1 + float(
-            np.exp(np.mean([np.log(h["mito_aspect"] - 1) for h in settled]))
+            np.exp(np.mean([np.log(h["mito_aspect"] - 1) for h in settled if "mito_aspect" in h]))
         )
     return PhantomDomain.model_validate({**domain.model_dump(), **mean})

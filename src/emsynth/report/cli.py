@@ -1,4 +1,5 @@
-"""`emsynth study ...`: run the augmentation study and write its report.
+"""`emsynth study ...`: run the augmentation study and write its report (the study's CLI lives
+with the report, the layer above the study, because `study run` ends by writing the report).
 
 Heavy imports (torch, MONAI, matplotlib) happen inside the commands so `emsynth --help` stays
 fast.

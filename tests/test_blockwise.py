@@ -1,0 +1,149 @@
+"""Blockwise prediction: equal to whole-volume prediction, resumable after kill -9, sharded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+zarr = pytest.importorskip("zarr", minversion="3")
+
+from typer.testing import CliRunner
+
+from emsynth.cli import app
+from emsynth.data.omezarr import open_ome_zarr, write_volume
+from emsynth.data.phantom.generate import generate_volume
+from emsynth.errors import EmsynthError
+from emsynth.segment.blockwise import (
+    DONE_DIR,
+    SLEEP_ENV,
+    BlockwiseModel,
+    iter_blocks,
+    predict_array,
+    predict_to_ome_zarr,
+    shard_blocks,
+)
+from emsynth.segment.config import InferConfig, ModelConfig
+from emsynth.segment.infer import probability_to_uint8
+from emsynth.segment.model import Segmenter, build_model
+
+TINY = ModelConfig(channels=[4, 8, 16], strides=[2, 2], num_res_units=1)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return build_model(TINY, 1).eval()
+
+
+@pytest.fixture(scope="module")
+def image():
+    return generate_volume("vnc", 3, (150, 130), 2).image
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_blockwise_equals_whole_volume(net, image, tta):
+    model = BlockwiseModel(net, (64, 64), 0.25, tta=tta, sw_batch_size=4)
+    whole = predict_array(model, image)
+    for block in [(1, 40, 48), (2, 64, 128)]:
+        blocks = predict_array(model, image, block)
+        np.testing.assert_allclose(blocks, whole, atol=1e-5)
+        np.testing.assert_array_equal(blocks >= 0.5, whole >= 0.5)
+
+
+def test_blocks_tile_the_volume_and_shards_partition_them():
+    blocks = list(iter_blocks((5, 70, 33), (2, 32, 32)))
+    cover = np.zeros((5, 70, 33), int)
+    for b in blocks:
+        cover[slice(*b.z), slice(*b.y), slice(*b.x)] += 1
+    assert (cover == 1).all()
+    shards = [shard_blocks(blocks, i, 3) for i in range(3)]
+    assert sorted(b.name for s in shards for b in s) == sorted(b.name for b in blocks)
+
+
+def test_two_shards_together_equal_one_run(tmp_path, net, image):
+    model = BlockwiseModel(net, (64, 64), 0.25)
+    kw = {"threshold": 0.5, "label": "mito", "block": (2, 64, 64), "scale_nm": (5.0, 5.0, 5.0)}
+    one = predict_to_ome_zarr(model, image, tmp_path / "one.ome.zarr", **kw)
+    assert one["complete"] and one["predicted"] == one["blocks"] == 18
+    first = predict_to_ome_zarr(model, image, tmp_path / "two.ome.zarr", shard_id=0,
+                                num_shards=2, **kw)
+    assert not first["complete"] and first["predicted"] == 9
+    second = predict_to_ome_zarr(model, image, tmp_path / "two.ome.zarr", shard_id=1,
+                                 num_shards=2, **kw)
+    assert second["complete"] and second["done"] == 18
+    for name in ("one", "two"):
+        out = open_ome_zarr(tmp_path / f"{name}.ome.zarr")
+        assert out.scale_nm == (5.0, 5.0, 5.0) and out.labels == {"mito": "mito"}
+    a, b = (open_ome_zarr(tmp_path / f"{n}.ome.zarr") for n in ("one", "two"))
+    np.testing.assert_array_equal(a.array[:, :, :], b.array[:, :, :])
+    np.testing.assert_array_equal(a.label("mito").array[:, :, :], b.label("mito").array[:, :, :])
+    reference = predict_array(model, image)
+    np.testing.assert_array_equal(a.label("mito").array[:, :, :], reference >= 0.5)
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "emsynth.cli", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+
+
+def _save_model(path: Path) -> Segmenter:
+    torch.manual_seed(1)
+    segmenter = Segmenter(build_model(TINY, 1), TINY, ["image"], "mito", 0.5,
+                          InferConfig(window=64))
+    segmenter.save(path)
+    return segmenter
+
+
+def test_killed_prediction_resumes_to_the_same_result(tmp_path):
+    segmenter = _save_model(tmp_path / "model")
+    volume = generate_volume("vnc", 2, (128, 128), 3)
+    src = write_volume(volume, tmp_path / "in.ome.zarr")
+    args = [src, "-m", tmp_path / "model", "--block", "1,64,64", "--device", "cpu",
+            "--precision", "fp32"]
+    # A slow run (sleeps after each block) killed with SIGKILL after a few blocks.
+    out = tmp_path / "run.ome.zarr"
+    proc = _cli("segment", "predict", *args, "-o", out, env={SLEEP_ENV: "0.3"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / DONE_DIR).is_dir() and len(list((out / DONE_DIR).glob("*.done"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_before = len(list((out / DONE_DIR).glob("*.done")))
+    assert 2 <= done_before < 8
+    resumed = _cli("segment", "predict", *args, "-o", out)
+    stdout, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, stderr
+    assert f"{8 - done_before} blocks predicted, {done_before} already done" in " ".join(
+        stdout.split())
+    # The reference: the same model over the whole volume, in memory, in one uninterrupted pass.
+    model = BlockwiseModel(segmenter.net, (64, 64), 0.25)
+    reference = predict_array(model, volume.image, (1, 64, 64))
+    result = open_ome_zarr(out)
+    np.testing.assert_array_equal(result.array[:, :, :], probability_to_uint8(reference))
+    np.testing.assert_array_equal(result.label("mito").array[:, :, :], reference >= 0.5)
+    assert zarr.open_group(store=str(out), mode="r").attrs["emsynth"]["complete"] is True
+
+
+def test_refuses_a_bad_shard_and_a_mismatched_output(tmp_path, net, image):
+    _save_model(tmp_path / "model")
+    bad = CliRunner().invoke(app, ["segment", "predict", str(tmp_path), "-m",
+                                   str(tmp_path / "model"), "-o", str(tmp_path / "o.zarr"),
+                                   "--shard-id", "2", "--num-shards", "2"])
+    assert isinstance(bad.exception, EmsynthError) and "--shard-id" in str(bad.exception)
+    model = BlockwiseModel(net, (64, 64), 0.25)
+    kw = {"threshold": 0.5, "label": "mito", "scale_nm": (5.0, 5.0, 5.0)}
+    predict_to_ome_zarr(model, image, tmp_path / "o.zarr", block=(1, 64, 64), **kw)
+    with pytest.raises(EmsynthError, match="differs in: block"):
+        predict_to_ome_zarr(model, image, tmp_path / "o.zarr", block=(2, 64, 64), **kw)

@@ -1,0 +1,234 @@
+"""The study's ways to use synthetic images (add, replace, pretrain), fixed step budgets per
+regime, the layout x strategy ablation in the plan, and the presets loading and planning."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import unet_micro
+
+from emsynth.config import load_config
+from emsynth.data.phantom import generate_volume
+from emsynth.data.volume import MITO
+from emsynth.segment.model import Segmenter
+from emsynth.segment.sampling import IMAGE, PatchSampler, segment_data
+from emsynth.study import cells, runner
+from emsynth.study.cache import Cell, CellSpec
+from emsynth.study.config import StudyConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE = {"steps": 4, "precision": "fp32", "device": "cpu", "checkpoint_every": 2,
+          "log_every": 2, "val_every": 0, "image_every": 0}
+BATCH = 2
+
+
+def config(**changes) -> StudyConfig:
+    cfg = {
+        "name": "strategies",
+        "data": {"phantom": {"domain": "ca1", "slices": 12, "size": 128, "seed": 3}},
+        "split": {"val_block": 2, "test_block": 2, "gap": 1},
+        "regimes": [{"name": "1slice", "slices": 1, "steps": 3},
+                    {"name": "2slices", "slices": 2}],
+        "seeds": [0],
+        "num_threads": 1,
+        "segment": {"engine": ENGINE, "sampling": {"patch_size": 32, "batch_size": BATCH},
+                    "model": unet_micro(), "infer": {"window": 64, "sw_batch_size": 2}},
+    }
+    cfg.update(changes)
+    return StudyConfig.model_validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Real crops of 96 px, synthetic images of 64 px (so a crop's source shows in its size)."""
+    real = generate_volume("ca1", 2, (96, 96), seed=1)
+    synthetic = generate_volume("ca1", 3, (64, 64), seed=2)
+    val = generate_volume("ca1", 1, (64, 64), seed=3)
+    return tuple(segment_data(v, [IMAGE], MITO) for v in (real, synthetic, val))
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Crops drawn per source (real: 96 px slices, synthetic: 64 px)."""
+    counts = {"real": 0, "synthetic": 0}
+    original = PatchSampler.sample
+
+    def sample(self, rng, batch_size):
+        counts["real" if self.inputs.shape[-1] == 96 else "synthetic"] += batch_size
+        return original(self, rng, batch_size)
+
+    monkeypatch.setattr(PatchSampler, "sample", sample)
+    return counts
+
+
+def cell(tmp_path: Path, name: str) -> Cell:
+    return Cell(tmp_path, CellSpec("segment", 1, {"name": name}))
+
+
+def test_add_keeps_every_real_crop_and_raises_the_steps(tmp_path, data, drawn):
+    real, synthetic, val = data
+    cfg = config(mix={"strategy": "add", "synthetic_share": 0.5})
+    only_real = cells.run_segment(cell(tmp_path, "real"), cfg, "real", 0, real, None, val,
+                                  steps=3)
+    assert only_real["steps"] == 3 and drawn == {"real": 3 * BATCH, "synthetic": 0}
+    assert only_real["real_crops"] == 3 * BATCH
+    drawn.update(real=0, synthetic=0)
+    added = cells.run_segment(cell(tmp_path, "add"), cfg, "real+synthetic", 0, real, synthetic,
+                              val, steps=3)
+    assert added["strategy"] == "add" and added["steps"] == math.ceil(3 / 0.5) == 6
+    assert drawn["real"] == added["real_crops"] == only_real["real_crops"]
+    assert drawn["synthetic"] == 6 * BATCH - 3 * BATCH
+
+
+def test_add_sampler_spreads_the_real_crops_exactly():
+    class Fake:
+        def __init__(self, tag):
+            self.tag = tag
+
+        def sample(self, rng, n):
+            return np.full((n, 1, 2, 2), self.tag, np.uint8), np.zeros((n, 1, 2, 2), np.uint8)
+
+    sampler = cells.AddSampler(Fake(1), Fake(2), real_crops=7 * 8, total_steps=10)
+    rng = np.random.default_rng(0)
+    per_batch = [int((sampler.sample(rng, 8)[0] == 1).all(axis=(1, 2, 3)).sum())
+                 for _ in range(10)]
+    assert sum(per_batch) == 56 == sampler.real_drawn and max(per_batch) - min(per_batch) <= 1
+    state = sampler.state_dict()
+    again = cells.AddSampler(Fake(1), Fake(2), 56, 10)
+    again.load_state_dict(state)
+    assert again.batches == 10 and again.sample(rng, 8)[0].min() == 2  # past the plan: synthetic
+
+
+def test_replace_keeps_the_steps_and_mixes_by_share(tmp_path, data, drawn):
+    real, synthetic, val = data
+    cfg = config(mix={"strategy": "replace", "synthetic_share": 0.5})
+    out = cells.run_segment(cell(tmp_path, "replace"), cfg, "real+synthetic", 0, real,
+                            synthetic, val, steps=4)
+    assert out["steps"] == 4 and out["synthetic_share"] == 0.5
+    assert drawn["real"] + drawn["synthetic"] == 4 * BATCH and drawn["synthetic"] > 0
+
+
+def test_pretrain_fine_tunes_from_the_pretrained_weights(tmp_path, data, drawn, monkeypatch):
+    real, synthetic, val = data
+    cfg = config(mix={"strategy": "pretrain", "pretrain_steps": 2})
+    starts = []
+    setup = cells.StudySegmentTask.setup
+
+    def record_start(self, ctx):
+        setup(self, ctx)
+        starts.append({k: v.detach().clone() for k, v in self.net.state_dict().items()})
+
+    monkeypatch.setattr(cells.StudySegmentTask, "setup", record_start)
+    where = cell(tmp_path, "pretrain")
+    out = cells.run_segment(where, cfg, "real+synthetic", 0, real, synthetic, val, steps=3)
+    assert len(starts) == 2  # the pretraining, then the fine-tuning
+    pretrained = Segmenter.load(where.dir / cells.PRETRAIN_RUN / "model").net.state_dict()
+    assert all(torch.equal(starts[1][k], pretrained[k]) for k in pretrained)
+    assert not all(torch.equal(starts[0][k], pretrained[k]) for k in pretrained)
+    assert out["pretrain"]["steps"] == 2 and out["steps"] == 3
+    assert out["pretrain"]["weights_key"] == cells.state_key(pretrained)
+    # The fine-tuning is the real-only recipe: real crops only, as many as real-only draws.
+    assert drawn == {"real": 3 * BATCH, "synthetic": 2 * BATCH}
+    assert out["real_crops"] == 3 * BATCH
+    fine_tuned = Segmenter.load(where.dir / "model").net.state_dict()
+    assert not all(torch.equal(fine_tuned[k], pretrained[k]) for k in pretrained)
+
+
+def test_plan_has_fixed_steps_per_regime_and_the_ablation(tmp_path):
+    cfg = config(conditions=["real", "real+synthetic", "synthetic"],
+                 mix={"strategy": "add", "synthetic_share": 0.5},
+                 synthesis={"masks": "remodel", "count": 2, "size": 64},
+                 ablation={"regimes": ["1slice"], "layouts": ["deformed", "remodel"],
+                           "strategies": ["add", "pretrain"], "synthetic_share": 0.5})
+    planned = runner.plan_cells(cfg, tmp_path / "study")
+    specs = [p.cell.spec for p in planned]
+    segments = [s for s in specs if s.kind == "segment"]
+    steps = {s.labels["regime"]: s.settings["segment"]["engine"]["steps"] for s in segments}
+    assert steps == {"1slice": 3, "2slices": ENGINE["steps"]}
+    gans = [s for s in specs if s.kind == "gan"]
+    assert [g.settings.get("layouts") for g in gans] == [["remodel", "deformed"], None]
+    variants = [s.labels.get("variant") for s in segments if s.labels["regime"] == "1slice"]
+    # remodel/add 0.5 is the main recipe: planned once, as the main grid's cell.
+    assert variants == [None, None, None, "deformed/add 0.5", "deformed/pretrain",
+                        "remodel/pretrain"]
+    assert len({s.key for s in segments}) == len(segments)
+    deformed = next(s for s in segments if s.labels.get("variant") == "deformed/add 0.5")
+    assert deformed.settings["layout"] == "deformed" and deformed.settings["strategy"] == "add"
+    evals = [s for s in specs if s.kind == "eval"]
+    assert len(evals) == len(segments)
+    with pytest.raises(ValueError, match="not a regime"):
+        config(ablation={"regimes": ["5slices"]})
+
+
+@pytest.mark.parametrize("name", ["demo", "lucchi_cpu", "lucchi_gpu", "lucchi_scarce_cpu"])
+def test_presets_load_with_todays_defaults(name):
+    cfg = load_config(StudyConfig, ROOT / "configs" / "study" / f"{name}.yaml")
+    if name != "lucchi_scarce_cpu":  # the new keys' defaults reproduce the earlier study
+        assert cfg.mix.strategy == "replace" and cfg.ablation is None
+        assert cfg.synthesis.masks == "real" and cfg.synthesis.count_per_slice is None
+        assert all(r.steps is None for r in cfg.regimes)
+        assert runner.synthesis_settings(cfg) == cfg.synthesis.model_dump(
+            mode="json", exclude={"remodel_spacing", "remodel_jitter", "remodel_scale",
+                                  "count_per_slice"})
+
+
+def test_scarce_preset_plans_its_cells(tmp_path):
+    """A smoke test of configs/study/lucchi_scarce_cpu.yaml without running it (hours):
+    load the data, split it and plan every cell."""
+    cfg = load_config(StudyConfig, ROOT / "configs" / "study" / "lucchi_scarce_cpu.yaml")
+    source = ROOT.parent / "shared" / "data" / "lucchi_pp" / "train"
+    if not source.is_dir():
+        pytest.skip(f"{source} is absent")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(source)})})
+    planned = runner.plan_cells(cfg, tmp_path / "study")
+    kinds = [p.cell.spec.kind for p in planned]
+    seeds = len(cfg.seeds)
+    assert kinds.count("membrane-model") == 1 and kinds.count("gan") == 2 * seeds
+    # crop: 3 conditions; 1 slice: 3 + 9 ablation variants (its add uses share 0.25, the main
+    # recipe 0.5, so none duplicates it).
+    assert kinds.count("segment") == kinds.count("eval") == (3 + 3 + 9) * seeds
+    segments = [p.cell.spec for p in planned if p.cell.spec.kind == "segment"]
+    assert {s.settings["segment"]["engine"]["steps"] for s in segments} == {600, 800}
+    assert {s.settings["segment"]["model"]["norm"] for s in segments} == {"instance"}
+    assert not any(p.cell.done for p in planned)
+
+
+@pytest.mark.slow
+def test_tiny_study_with_the_ablation_end_to_end(tmp_path):
+    """One GAN cell synthesises every layout it is asked for; each ablation variant trains on
+    its layout's images with its strategy; the report keeps the variants out of the main
+    table and shows them in the ablation table."""
+    from emsynth.data.readers import read_volume
+    from emsynth.report import build_report
+
+    gan_engine = {**ENGINE, "steps": 2, "checkpoint_every": 2}
+    cfg = config(
+        data={"phantom": {"domain": "ca1", "slices": 10, "size": 256, "seed": 0}},
+        regimes=[{"name": "1slice", "slices": 1, "steps": 2}],
+        conditions=["real", "real+synthetic"],
+        gan={"model": {"ngf": 4, "ndf": 4, "n_scales": 1}, "engine": gan_engine},
+        synthesis={"count": 2, "size": 128, "masks": "remodel"},
+        mix={"strategy": "add", "synthetic_share": 0.5},
+        ablation={"regimes": ["1slice"], "layouts": ["deformed", "procedural"],
+                  "strategies": ["pretrain"]})
+    study = tmp_path / "study"
+    index = runner.run_study(cfg, study)
+    assert index["status"] == "finished"
+    (gan,) = [c for c in index["cells"] if c["kind"] == "gan"]
+    gan_dir = study / "cells" / gan["name"]
+    for folder in ("synthetic", "synthetic-deformed", "synthetic-procedural"):
+        assert read_volume(gan_dir / folder, "slices").shape == (2, 128, 128)
+    segments = {c["labels"].get("variant"): c for c in index["cells"] if c["kind"] == "segment"}
+    assert set(segments) == {None, "deformed/pretrain", "procedural/pretrain"}
+    pre = json.loads((study / "cells" / segments["deformed/pretrain"]["name"] / "result.json")
+                     .read_text())
+    assert pre["strategy"] == "pretrain" and pre["pretrain"]["steps"] == 2 and pre["steps"] == 2
+    results, _, md_path = build_report(study)
+    assert results.missing == 0 and set(results.conditions) == {"real", "real+synthetic"}
+    report = md_path.read_text()
+    assert "Ablation: mask layout x strategy" in report and "procedural/pretrain" in report
