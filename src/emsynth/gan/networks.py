@@ -134,7 +134,21 @@ class _Up(_Block):
         return self.noise(self.dropout(self.norm(self._convolve(self.act(x)))))
 
 
-class UNetGenerator(nn.Module):
+class _Generator(nn.Module):
+    """What every generator shares: masks in, one image out, its width and decoder noise."""
+
+    arch = ""
+
+    def __init__(self, in_channels: int, ngf: int, noise: float) -> None:
+        super().__init__()
+        if in_channels < 1 or ngf < 1:
+            raise ValueError(f"in_channels and ngf must be >= 1, got {in_channels}, {ngf}")
+        self.in_channels = in_channels
+        self.ngf = ngf
+        self.noise = float(noise)
+
+
+class UNetGenerator(_Generator):
     """Masks (N, in_channels, H, W) in [-1, 1] or [0, 1] -> EM image (N, 1, H, W) in [-1, 1].
 
     Fully convolutional: any H, W that are multiples of 256 work in one pass (whole slices).
@@ -144,12 +158,7 @@ class UNetGenerator(nn.Module):
 
     def __init__(self, in_channels: int = 2, out_channels: int = 1, ngf: int = 64,
                  noise: float = 0.0) -> None:
-        super().__init__()
-        if in_channels < 1 or ngf < 1:
-            raise ValueError(f"in_channels and ngf must be >= 1, got {in_channels}, {ngf}")
-        self.in_channels = in_channels
-        self.ngf = ngf
-        self.noise = float(noise)
+        super().__init__(in_channels, ngf, noise)
         enc_widths = [m * ngf for m in ENCODER_MULTIPLIERS]
         n = len(enc_widths)
         self.down = nn.ModuleList()
@@ -232,7 +241,7 @@ class SPADEResBlock(nn.Module):
 SPADE_MULTIPLIERS = (8, 8, 8, 4, 2, 1)
 
 
-class SPADEGenerator(nn.Module):
+class SPADEGenerator(_Generator):
     """Masks (N, in_channels, H, W) -> EM image (N, 1, H, W) in [-1, 1], SPADE-style.
 
     The masks, resized to 1/32, go through a 3x3 conv; then five SPADE ResNet blocks, each
@@ -247,12 +256,7 @@ class SPADEGenerator(nn.Module):
 
     def __init__(self, in_channels: int = 2, out_channels: int = 1, ngf: int = 64,
                  noise: float = 0.0) -> None:
-        super().__init__()
-        if in_channels < 1 or ngf < 1:
-            raise ValueError(f"in_channels and ngf must be >= 1, got {in_channels}, {ngf}")
-        self.in_channels = in_channels
-        self.ngf = ngf
-        self.noise = float(noise)
+        super().__init__(in_channels, ngf, noise)
         hidden = min(128, 2 * ngf)
         widths = [m * ngf for m in SPADE_MULTIPLIERS]
         self.levels = len(widths) - 1
