@@ -30,3 +30,18 @@ ThreadsOpt = Annotated[
     typer.Option("--threads", min=1, help="torch CPU threads (default: every core this process "
                  "may use)."),
 ]
+
+
+def parse_zyx(text: str, option: str, example: str) -> tuple[int, int, int]:
+    """"z,y,x" of an option such as --block or --chunks: three positive integers, else a
+    one-line error naming the option and an example."""
+    from emsynth.errors import input_error
+
+    try:
+        sizes = tuple(int(token) for token in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise input_error(option, f"{text!r} is not three positive integers z,y,x",
+                          f"e.g. {option} {example}")
+    return sizes  # type: ignore[return-value]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from emsynth.options import LayoutOpt
+from emsynth.options import LayoutOpt, parse_zyx
 
 app = typer.Typer(help="Inspect, show, generate (phantom) and fetch EM datasets.", no_args_is_help=True)
 
@@ -238,18 +238,7 @@ def phantom(
 
 
 def _parse_chunks(text: str | None):
-    from emsynth.errors import input_error
-
-    if text is None:
-        return None
-    try:
-        chunks = tuple(int(tok) for tok in text.split(","))
-    except ValueError:
-        chunks = ()
-    if len(chunks) != 3 or min(chunks) < 1:
-        raise input_error("--chunks", f"{text!r} is not three positive integers z,y,x",
-                          "e.g. --chunks 16,512,512")
-    return chunks
+    return None if text is None else parse_zyx(text, "--chunks", "16,512,512")
 
 
 @app.command("convert")

@@ -16,7 +16,7 @@ from rich.console import Console
 from emsynth.engine.cli import TrainOptions, stop_line, train_options
 from emsynth.errors import input_error
 from emsynth.io import atomic_write_text
-from emsynth.options import DeviceOpt, LayoutOpt, PrecisionOpt
+from emsynth.options import DeviceOpt, LayoutOpt, PrecisionOpt, parse_zyx
 
 app = typer.Typer(
     help="Binary segmentation (mitochondria by default): train a U-Net, predict, evaluate.",
@@ -136,16 +136,7 @@ def mps_progress(label: str):
 
 
 def parse_block(text: str | None):
-    if text is None:
-        return DEFAULT_BLOCK
-    try:
-        block = tuple(int(tok) for tok in text.split(","))
-    except ValueError:
-        block = ()
-    if len(block) != 3 or min(block) < 1:
-        raise input_error("--block", f"{text!r} is not three positive integers z,y,x",
-                          "e.g. --block 8,1024,1024")
-    return block
+    return DEFAULT_BLOCK if text is None else parse_zyx(text, "--block", "8,1024,1024")
 
 
 def _predict_blockwise(input_path, model, out_dir, tta, layout, mask_dir, label, slices,
