@@ -47,7 +47,7 @@ SUFFIXES = (".zarr",)
 INSTALL_FIX = "install zarr >= 3 (pip install 'zarr>=3', Python >= 3.11)"
 
 
-def _zarr():
+def require_zarr():
     try:
         import zarr
     except ImportError:  # pragma: no cover - zarr is a dependency on Python >= 3.11
@@ -55,7 +55,7 @@ def _zarr():
     return zarr
 
 
-def _group_attrs(path: Path) -> dict | None:
+def group_attrs(path: Path) -> dict | None:
     """The group attributes of a zarr v3 (zarr.json) or v2 (.zattrs) folder, without zarr."""
     v3 = path / "zarr.json"
     if v3.is_file():
@@ -85,7 +85,7 @@ def is_ome_zarr(path: str | Path) -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    attrs = _group_attrs(path)
+    attrs = group_attrs(path)
     return attrs is not None and isinstance(_ome(attrs).get("multiscales"), list)
 
 
@@ -166,7 +166,7 @@ def _scale_nm(path: Path, axes: list[dict], scale: list[float]) -> tuple[float, 
 def open_ome_zarr(path: str | Path) -> OmeZarrImage:
     """Open level 0 of the OME-Zarr image at `path` lazily, with its scale in nm."""
     path = Path(path)
-    attrs = _group_attrs(path)
+    attrs = group_attrs(path)
     if attrs is None or not isinstance(_ome(attrs).get("multiscales"), list):
         raise input_error(
             path, "not an OME-Zarr image (no multiscales metadata in zarr.json or .zattrs)",
@@ -186,7 +186,7 @@ def open_ome_zarr(path: str | Path) -> OmeZarrImage:
         raise input_error(path, f"malformed multiscales metadata ({err!r})",
                           "rewrite it with `emsynth data convert`") from None
     scale = next((t["scale"] for t in transforms if t.get("type") == "scale"), None)
-    zarr = _zarr()
+    zarr = require_zarr()
     try:
         array = zarr.open_array(store=str(path / dataset["path"]), mode="r")
     except Exception as err:  # noqa: BLE001 - zarr raises several types on broken stores
@@ -202,7 +202,7 @@ def open_ome_zarr(path: str | Path) -> OmeZarrImage:
     except ValueError as err:
         raise input_error(path, str(err), "split the channels or time points first") from None
     labels = {}
-    label_attrs = _group_attrs(path / "labels")
+    label_attrs = group_attrs(path / "labels")
     if label_attrs is not None:
         for group in _ome(label_attrs).get("labels", []) or []:
             name = LABEL_ALIASES.get(str(group).lower())
@@ -256,7 +256,7 @@ def read_ome_zarr(
         labels[name] = lab != 0
         check_label_plausibility(name, labels[name], [f"{lab_img.path}"], lab_img.path,
                                  polarity_given)
-    names = (_group_attrs(image.path) or {}).get("emsynth", {}).get("slice_names")
+    names = (group_attrs(image.path) or {}).get("emsynth", {}).get("slice_names")
     if not (isinstance(names, list) and len(names) == image.shape[0]):
         names = [f"{i:04d}" for i in range(image.shape[0])]
     return Volume(raw, labels, image.pixel_size_nm, f"{image.path} (ome-zarr {image.version})",
@@ -320,7 +320,7 @@ def create_image(
 
     scale_nm: (z, y, x) in nm (default 1). extra: JSON attributes stored under "emsynth".
     """
-    zarr = _zarr()
+    zarr = require_zarr()
     fmt = 2 if version == "0.4" else 3
     group = zarr.open_group(store=str(path), mode="w", zarr_format=fmt)
     _set_ome(group, version, multiscales=_multiscales(name, scale_nm or (1.0, 1.0, 1.0), version))
@@ -341,7 +341,7 @@ def create_label(
 ):
     """Create `labels/<label>` in an OME-Zarr image (image-label metadata, value 1 coloured,
     source pointing back at the image) and return its empty level-0 array."""
-    zarr = _zarr()
+    zarr = require_zarr()
     root = zarr.open_group(store=str(image_path), mode="r+")
     labels = root.require_group("labels")
     existing = list(_ome(dict(labels.attrs)).get("labels", []) or [])

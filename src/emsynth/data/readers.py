@@ -666,7 +666,7 @@ def open_lazy(path: str | Path, layout: str = "auto", *, mask_dir: str | None = 
     """
     import tifffile
 
-    from emsynth.data.omezarr import _zarr, open_ome_zarr, scale_of
+    from emsynth.data.omezarr import open_ome_zarr, require_zarr, scale_of
 
     path = Path(path)
     used = resolve_layout(path, layout, mask_dir)
@@ -679,7 +679,7 @@ def open_lazy(path: str | Path, layout: str = "auto", *, mask_dir: str | None = 
     if used == "epfl-tiff" and path.is_file():
         try:
             store = tifffile.imread(path, aszarr=True)
-            array = _zarr().open_array(store=store, mode="r")
+            array = require_zarr().open_array(store=store, mode="r")
         except Exception:  # noqa: BLE001 - fall back to the validating reader below
             array = None
         if array is not None and array.ndim == 3 and array.dtype == np.uint8:

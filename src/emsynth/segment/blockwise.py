@@ -269,7 +269,7 @@ def _open_output(out: Path, shape, block, scale_nm, label: str, float_prob: bool
 
     import zarr
 
-    from emsynth.data.omezarr import _group_attrs, create_image, create_label
+    from emsynth.data.omezarr import create_image, create_label, group_attrs
     from emsynth.errors import input_error
 
     if not out.exists():
@@ -286,7 +286,7 @@ def _open_output(out: Path, shape, block, scale_nm, label: str, float_prob: bool
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    attrs = _group_attrs(out) or {}
+    attrs = group_attrs(out) or {}
     found = attrs.get("emsynth")
     if not isinstance(found, dict) or {k: found.get(k) for k in signature} != signature:
         theirs = {k: found.get(k) for k in signature} if isinstance(found, dict) else None

@@ -119,9 +119,9 @@ def fit_task(
     result = train(task, cfg.engine, run_dir, resume=resume)
     ctx = step_context(cfg.engine)
     final: dict[str, float] = {}
-    if ctx is not None and not ctx.is_main:
+    if not ctx.is_main:
         return {**result, "final": final, "threshold": task.threshold, "threshold_rule": None}
-    if task.val_data is not None and ctx is not None:
+    if task.val_data is not None:
         if cfg.infer.tta:
             final = task.evaluate(ctx, tta=True)
         else:
