@@ -1,4 +1,4 @@
-"""The networks an export hands to other tools: a trained segmenter plus emsynth's inference.
+"""The networks an export hands to other tools: a trained model plus emsynth's inference.
 
 `ExportedSegmenter` is what a bioimage.io package's `pytorch_state_dict` weights rebuild
 (`architecture: {import_from: emsynth.export.modules, callable: ExportedSegmenter, kwargs}`):
@@ -7,13 +7,23 @@ the U-Net of `emsynth.segment.model.build_model` under the name `net`, applied e
 sigmoid), after the model's own intensity normalisation (membrane models). Its input is the
 float scale of `emsynth.segment.model.to_float` (uint8 / 255), its output the foreground
 probability per pixel, so `ExportedSegmenter(...)(to_float(x))` equals `predict_with` on `x`.
+
+`ExportedGenerator` does the same for a GAN generator: the network of
+`emsynth.gan.networks.build_generator` under the name `net`, fed as `emsynth gan synthesize`
+feeds it (`Conditioning` encoding, and `synthesize_array`: reflect padding to multiples of 256,
+one pass per slice, crop back), with dropout and decoder noise drawn from a generator seeded
+with a fixed `seed` at every call, so the package is deterministic.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
+from emsynth.gan.data import Conditioning
+from emsynth.gan.inference import synthesize_array
+from emsynth.gan.networks import build_generator
 from emsynth.segment.config import InferConfig, ModelConfig
 from emsynth.segment.infer import sliding_probs
 from emsynth.segment.model import build_model
@@ -84,3 +94,36 @@ class ExportedSegmenter(nn.Module):
                 levels = torch.round(x[b, 0] * 255.0)
                 x[b, 0] = normalize_levels(levels, self.normalizer) / 255.0
         return sliding_probs(self.net, x, self.infer, self.model_cfg.divisor, tta=self.tta)
+
+
+class ExportedGenerator(nn.Module):
+    """A saved emsynth generator as one module: masks (b, c, y, x), any value > 0 = the label
+    -> synthetic EM (b, 1, y, x) in 0-1, any y, x. Keyword arguments are JSON-plain.
+
+    arch / in_channels / ngf / decoder_noise: the generator (`build_generator`); channels /
+    mask_range: its `Conditioning`; dropout / seed: as `emsynth gan synthesize --dropout --seed`.
+    Dropout and decoder noise are random, so every call re-seeds them with `seed` (through
+    `synthesize_array`): the same input gives the same output, call after call. The output is
+    `(synthesize_array(...) + 1) / 2`, in fp32; round(255 x output) is the image of
+    `emsynth gan synthesize --precision fp32`.
+    """
+
+    def __init__(self, arch: str, in_channels: int, ngf: int, channels: list[str],
+                 mask_range: str = "-1,1", decoder_noise: float = 0.0, dropout: bool = True,
+                 seed: int = 0) -> None:
+        super().__init__()
+        if len(channels) != in_channels:
+            raise ValueError(f"{len(channels)} conditioning channels for {in_channels} inputs")
+        self.conditioning = Conditioning(tuple(channels), mask_range)
+        self.dropout = bool(dropout)
+        self.seed = int(seed)
+        self.net = build_generator(arch, in_channels, ngf, decoder_noise)
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masks = x.detach().cpu().numpy() > 0
+        encoded = np.stack([self.conditioning.encode(list(m)) for m in masks])
+        images = synthesize_array(self.net, encoded, dropout=self.dropout, seed=self.seed,
+                                  device=x.device, precision="fp32")
+        return torch.from_numpy((images + 1.0) / 2.0)[:, None].to(x.device)
