@@ -51,6 +51,28 @@ def test_presets_load():
     assert _cfg().model.ngf == 8
 
 
+def test_texture_presets_are_the_ablations_han_variant():
+    """configs/gan/cpu_texture.yaml is what experiments/gan_texture.py measured as "han": the
+    CPU preset plus its overrides (steps and the safety net aside); the GPU preset is the same
+    recipe at the spec's width with Han et al.'s 512 crops."""
+    import importlib.util
+
+    root = GAN_TINY.parent
+    spec = importlib.util.spec_from_file_location(
+        "gan_texture", root.parents[1] / "experiments" / "gan_texture.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    measured = load_config(GanConfig, root / "cpu.yaml", experiment.VARIANTS["han"])
+    preset = load_config(GanConfig, root / "cpu_texture.yaml")
+    for section in ("data", "model", "loss", "optim"):
+        assert getattr(preset, section) == getattr(measured, section), section
+    assert preset.model.decoder_noise == 0.1 and preset.optim.g_steps_per_d == 2
+    gpu = load_config(GanConfig, root / "gpu_texture.yaml")
+    assert (gpu.model.ngf, gpu.model.ndf, gpu.data.crop) == (64, 64, 512)
+    assert gpu.loss == preset.loss and gpu.optim == preset.optim
+    assert gpu.model.model_copy(update={"ngf": 32, "ndf": 32}) == preset.model
+
+
 def test_sample_batch_pairs_and_ranges(phantom):
     task = GanTask(_cfg(), [phantom])
     masks, image = task.sample_batch(np.random.default_rng(0))
@@ -84,7 +106,7 @@ def test_missing_channel_and_small_slices_are_user_errors(phantom):
 
 
 def test_split_volumes_holds_out_the_last_slices(phantom):
-    train_v, val_v = split_volumes([phantom], 1)
+    train_v, val_v = split_volumes([phantom], 1, gap=0)
     assert len(train_v[0]) == 3 and val_v[0].slice_names == [phantom.slice_names[-1]]
     with pytest.raises(EmsynthError, match="val_block"):
         split_volumes([phantom], 4)
@@ -103,7 +125,7 @@ def _metric(run_dir: Path, name: str) -> list[float]:
 def test_tiny_gan_learns_on_a_phantom(tmp_path, phantom):
     """ngf 8, 256 crops, 80 steps: L1 to the real image falls clearly, D stays balanced."""
     cfg = _cfg("engine.steps=80", *GAN_TRAIN_ONLY, "engine.log_every=20")
-    train_v, val_v = split_volumes([phantom], 1)
+    train_v, val_v = split_volumes([phantom], 1, gap=0)
     task = GanTask(cfg, train_v, val_v)
     result = train(task, cfg.engine, tmp_path / "run", resume=False)
     l1 = _metric(tmp_path / "run", "train/l1")
@@ -184,7 +206,7 @@ def test_generator_back_in_train_mode_after_validation_and_images(tmp_path, phan
     of training still find G (and its dropout) in train mode."""
     cfg = _cfg("engine.steps=3", "engine.checkpoint_every=0", "engine.val_every=1",
                "engine.image_every=1", "engine.log_every=1", "engine.device=cpu")
-    train_v, val_v = split_volumes([phantom], 1)
+    train_v, val_v = split_volumes([phantom], 1, gap=0)
     task = _ModeRecordingGanTask(cfg, train_v, val_v)
     result = train(task, cfg.engine, tmp_path / "run", resume=False)
     assert task.train_modes == [True, True, True]

@@ -24,7 +24,7 @@ TINY = [
     "engine.steps=100", "engine.log_every=20", "engine.checkpoint_every=0", "engine.seed=0",
     "engine.num_threads=1", "engine.device=cpu",
     "data.phantom.slices=6", "data.phantom.size=192", "data.train_slices=0-4",
-    "data.val_slices=5", "sampling.patch_size=128", "sampling.batch_size=8",
+    "data.val_slices=5", "data.val_gap=0", "sampling.patch_size=128", "sampling.batch_size=8",
     *UNET_SMALL, "optim.lr=0.003", "infer.window=128",
 ]
 

@@ -1,4 +1,5 @@
-"""Statistics of the study report: means with t-intervals over seeds and paired differences."""
+"""Statistics of the study report: means with t-intervals over seeds, paired differences with
+their t-test p, and the Holm adjustment."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from emsynth.report.stats import paired_difference, summarize
+from emsynth.report.stats import holm, paired_difference, summarize, t_test_p
 
 
 def test_mean_and_interval_match_scipy_t():
@@ -76,3 +77,41 @@ def test_paired_difference_sign_and_zero():
     assert d.mean == 0 and d.half_width == 0
     worse = paired_difference({0: 0.6, 1: 0.7, 2: 0.65}, {0: 0.5, 1: 0.52, 2: 0.49})
     assert worse.mean < 0 and worse.high < 0 and worse.excludes_zero
+
+
+def test_paired_p_by_hand_and_against_scipy():
+    # Differences 0.05, 0.04, 0.06: t = 0.05 / (0.01 / sqrt 3) = 8.660, 2 degrees of freedom,
+    # where the two-sided p has the closed form 1 - t / sqrt(t^2 + 2) = 0.013072.
+    d = paired_difference({0: 0.60, 1: 0.62, 2: 0.64}, {0: 0.65, 1: 0.66, 2: 0.70})
+    t = 0.05 / (0.01 / math.sqrt(3))
+    assert d.p == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-9)
+    assert d.p == pytest.approx(0.013072, abs=1e-6)
+    a, b = [0.61, 0.55, 0.70, 0.48, 0.66], [0.60, 0.59, 0.69, 0.55, 0.64]
+    expected = stats.ttest_rel(b, a).pvalue
+    assert paired_difference(dict(enumerate(a)), dict(enumerate(b))).p == pytest.approx(expected)
+    assert t_test_p([0.01, -0.02, 0.03]) == pytest.approx(
+        stats.ttest_1samp([0.01, -0.02, 0.03], 0.0).pvalue)
+    # The 95% interval excludes 0 exactly when p < 0.05 (the same t distribution).
+    for values in ([0.05, 0.04, 0.06], [0.01, -0.02, 0.03], [0.02, 0.0, 0.05, 0.01]):
+        s = summarize(values)
+        assert s.excludes_zero == (t_test_p(values) < 0.05)
+
+
+def test_paired_p_edge_cases():
+    assert t_test_p([0.3]) is None and paired_difference({0: 0.5}, {0: 0.6}).p is None
+    assert summarize([0.1, 0.2]).p is None  # a plain summary is not a test
+    assert t_test_p([0.0, 0.0, 0.0]) == 1.0  # no difference at all
+    assert t_test_p([0.02, 0.02]) == 0.0  # the same gain every seed: no spread
+
+
+def test_holm_by_hand():
+    # m = 4. Sorted: 0.005 -> 4 x 0.005 = 0.02; 0.01 -> 3 x 0.01 = 0.03; 0.03 -> 2 x 0.03 =
+    # 0.06; 0.04 -> 1 x 0.04 = 0.04, raised to 0.06 (adjusted p never falls down the order).
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    assert holm([0.02]) == [0.02] and holm([]) == []
+    assert holm([0.01, 0.01]) == [0.02, 0.02]
+    # Never below the raw p, never above Bonferroni's m p.
+    raw = [0.001, 0.2, 0.04, 0.012, 0.3]
+    for p, adjusted in zip(raw, holm(raw)):
+        assert p <= adjusted <= min(1.0, len(raw) * p)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from emsynth.data.slices import evenly_spaced, parse_slices, split_blocks
+from emsynth.data.slices import evenly_spaced, parse_slices, split_blocks, training_slices
 from emsynth.data.volume import Volume
 from emsynth.errors import EmsynthError
 from emsynth.segment import augment
@@ -73,17 +73,33 @@ def test_split_blocks_are_contiguous_and_disjoint():
     assert train == list(range(131))
     assert val == list(range(133, 153))
     assert test == list(range(155, 165))
+    # The default gap (DEFAULT_GAP, 5): slices 140-144 next to the validation block never train.
     train, val, _ = split_blocks(165, val=20)
-    assert train[-1] == 144 and val == list(range(145, 165))
+    assert train == list(range(140)) and val == list(range(145, 165))
+    assert split_blocks(165, val=20, gap=0)[0][-1] == 144
     assert split_blocks(5, val=0) == ([0, 1, 2, 3, 4], [], [])
     # One message for every stage; the caller names the volume and its own settings.
     with pytest.raises(EmsynthError) as err:
-        split_blocks(10, val=10, where="stack.tif", fix="lower data.val_block")
+        split_blocks(10, val=10, gap=0, where="stack.tif", fix="lower data.val_block")
     assert str(err.value) == ("stack.tif: holding out 10 validation slices leaves no training "
                               "slices in a 10-slice volume. Fix: lower data.val_block")
     with pytest.raises(EmsynthError, match=r"6 validation \+ 3 test slices \(with gaps of 1\)"):
         split_blocks(11, val=6, test=3, gap=1)
     assert split_blocks(12, val=6, test=3, gap=1)[0] == [0]
+    with pytest.raises(EmsynthError, match=r"20 validation slices \(with gaps of 5\) leaves no "
+                       r"training slices in a 25-slice volume"):
+        split_blocks(25, val=20)
+
+
+def test_training_slices_leave_the_gap_out_on_both_sides():
+    assert training_slices(20, [8, 9], gap=2) == [0, 1, 2, 3, 4, 5, 12, 13, 14, 15, 16, 17,
+                                                  18, 19]
+    # Given training slices inside the gap are left out too; the others are kept in order.
+    assert training_slices(20, [16, 17, 18, 19], 5, train=[0, 3, 10, 11, 15]) == [0, 3, 10]
+    assert training_slices(6, [5], gap=0) == [0, 1, 2, 3, 4]
+    with pytest.raises(EmsynthError, match="holding out 1 slices with a gap of 5 leaves no "
+                       "training slices in a 6-slice volume. Fix: set data.val_gap=0"):
+        training_slices(6, [5], 5, fix="set data.val_gap=0")
 
 
 def test_mixed_sampler_draws_each_crop_from_its_source_at_the_given_shares():

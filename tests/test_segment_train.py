@@ -70,11 +70,13 @@ def test_tiny_training_beats_chance_and_exports_a_model(phantom, tmp_path):
 
 def test_split_resolution_and_errors():
     cfg = load_config(SegmentConfig, None, ["data.val_block=20"])
-    split = resolve_split(cfg, 165)
-    assert split.train == list(range(145)) and split.val == list(range(145, 165))
+    split = resolve_split(cfg, 165)  # the default gap of 5: 140-144 never train
+    assert split.train == list(range(140)) and split.val == list(range(145, 165))
     cfg = load_config(SegmentConfig, None, ["data.train_slices='0-9'", "data.val_slices='20-24'"])
     split = resolve_split(cfg, 30)
     assert split.train == list(range(10)) and split.val == list(range(20, 25))
+    cfg = load_config(SegmentConfig, None, ["data.train_slices='0-17'", "data.val_slices='20-24'"])
+    assert resolve_split(cfg, 30).train == list(range(15))  # 15-17: the gap
     with pytest.raises(EmsynthError, match="contiguous"):
         resolve_split(load_config(SegmentConfig, None, ["data.val_slices='1,3,5'"]), 30)
     with pytest.raises(EmsynthError, match="both"):
@@ -128,6 +130,8 @@ def test_cli_train_predict_evaluate_round_trip(phantom, tmp_path):
             "0-3",
             "--val-slices",
             "4-5",
+            "--set",
+            "data.val_gap=0",  # 6 slices: too short for the default gap
             *sets,
         ],
     )

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from emsynth.data.phantom import generate_volume
-from emsynth.data.volume import MEMBRANE, MITO
+from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.errors import EmsynthError
 from emsynth.study import data
 from emsynth.study.config import RegimeConfig, SourceConfig, StudyConfig
@@ -114,25 +114,109 @@ def test_phantom_source_is_deterministic():
     assert data.load_source(other).key != data.load_source(cfg).key
 
 
-def test_segment_split_takes_the_studys_gap_as_an_option():
-    """segment train's default split: val_gap 0 keeps earlier figures (slice 144 trains, 145
-    validates); data.val_gap=5 (the study's DEFAULT_GAP) leaves 140-144 out."""
+def test_every_stage_splits_with_the_default_gap():
+    """One rule (emsynth.data.slices.training_slices), one default gap (DEFAULT_GAP, 5) for the
+    study, segment train, the membrane model and the GAN: slice 145 validates, 140-144 never
+    train (before, segment train trained 144 beside the validation block)."""
     from emsynth.config import load_config
     from emsynth.data.slices import DEFAULT_GAP
+    from emsynth.gan.config import GanConfig
+    from emsynth.gan.train import split_volumes
+    from emsynth.membranes.config import MembraneConfig
     from emsynth.segment.config import SegmentConfig
     from emsynth.segment.train import resolve_split
 
-    plain = resolve_split(load_config(SegmentConfig, None, ["data.val_block=20"]), 165)
-    assert plain.train == list(range(145)) and plain.val == list(range(145, 165))
-    gapped = resolve_split(load_config(SegmentConfig, None, [
-        "data.val_block=20", f"data.val_gap={DEFAULT_GAP}"]), 165)
-    assert gapped.train == list(range(140)) and gapped.val == plain.val
-    middle = resolve_split(load_config(SegmentConfig, None, [
-        "data.val_slices='50-59'", "data.val_gap=5"]), 100)
+    assert DEFAULT_GAP == 5
+    default = resolve_split(load_config(SegmentConfig, None, ["data.val_block=20"]), 165)
+    assert default.train == list(range(140)) and default.val == list(range(145, 165))
+    no_gap = resolve_split(load_config(SegmentConfig, None, [
+        "data.val_block=20", "data.val_gap=0"]), 165)
+    assert no_gap.train == list(range(145)) and no_gap.val == default.val
+    middle = resolve_split(load_config(SegmentConfig, None, ["data.val_slices='50-59'"]), 100)
     assert middle.train == [*range(45), *range(65, 100)]
+    # Given training slices: those inside the gap are left out (README: 0-15 with 16-17 held).
+    given = resolve_split(load_config(SegmentConfig, None, [
+        "data.train_slices='0-15'", "data.val_slices='16-17'"]), 20)
+    assert given.train == list(range(11))
+    with pytest.raises(EmsynthError, match="no training slices.*Fix: lower data.val_gap"):
+        resolve_split(load_config(SegmentConfig, None, ["data.val_block=15"]), 20)
+    # The membrane model: VNC 16-19 held out trains on 0-10.
+    membranes = MembraneConfig().segment_config()
+    assert resolve_split(membranes, 20).train == list(range(11))
+    # The GAN: the last val_block slices of each volume validate, the gap before them is idle.
+    phantom = generate_volume("ca1", 12, (32, 32), seed=0)
+    gan = GanConfig().data
+    (train,), (val,) = split_volumes([phantom], gan.val_block, gan.val_gap)
+    assert (gan.val_block, gan.val_gap) == (2, 5)
+    assert np.array_equal(train.image, phantom.image[:5])
+    assert np.array_equal(val.image, phantom.image[10:])
     assert StudyConfig.model_validate(
         {"data": {"phantom": {"domain": "ca1"}}, "regimes": [{"name": "a", "slices": 1}]}
     ).split.gap == DEFAULT_GAP
-    with pytest.raises(EmsynthError, match="no training slices"):
-        resolve_split(load_config(SegmentConfig, None, [
-            "data.val_block=20", "data.val_gap=5"]), 20)
+
+
+def test_crop_membranes_are_predicted_from_the_crop_alone(tmp_path, monkeypatch):
+    """The crop regime's membrane channel comes from the crop's own image and mito labels:
+    changing the labels outside the crop changes nothing (a whole-slice prediction, then
+    cropped, would let them leak in near the crop's edges)."""
+    from types import SimpleNamespace
+
+    from scipy import ndimage
+
+    import emsynth.membranes.predict as membrane_predict
+    from emsynth.study import runner
+    from emsynth.study.cache import canonical_json, sha256_text
+
+    def fake_membranes(mito: np.ndarray) -> np.ndarray:
+        """A 'membrane model' with a 41 px receptive field: membranes near mitochondria."""
+        return ndimage.uniform_filter(mito.astype(np.float32), size=(1, 41, 41)) > 0.05
+
+    seen = []
+    monkeypatch.setattr(membrane_predict.MembraneModel, "load",
+                        classmethod(lambda cls, path, device="cpu": SimpleNamespace(threshold=0.5)))
+    monkeypatch.setattr(membrane_predict, "predict_membranes",
+                        lambda model, volume, mito, device, precision: seen.append(mito.shape)
+                        or fake_membranes(mito).astype(np.float32))
+    cfg = StudyConfig.model_validate({
+        "data": {"phantom": {"domain": "ca1", "slices": 12, "size": 128, "seed": 3}},
+        "split": {"val_block": 2, "test_block": 2, "gap": 1},
+        "regimes": [{"name": "crop", "slices": 1, "crop": 64}], "seeds": [0],
+        "conditions": ["real"]})
+
+    regime = cfg.regimes[0]
+    volume = data.load_source(cfg.data).volume
+    selection = data.select(regime, data.split(cfg, len(volume)).train, 0, volume.labels[MITO])
+
+    def membranes_of(volume, cache: str) -> np.ndarray:
+        state = runner.prepare(cfg, tmp_path)
+        state.source.volume = volume
+        state.selections[(regime.name, 0)] = selection
+        state.membrane_model_dir, state.membrane_cache = tmp_path / "model", tmp_path / cache
+        return runner._regime_volume(state, regime, 0, True).labels[MEMBRANE]
+
+    before = membranes_of(volume, "a")
+    (z,), ((y, x),) = selection.slices, selection.corners
+    assert seen == [(1, 64, 64)]  # the model saw the crop, nothing else
+    (png,) = (tmp_path / "a").iterdir()
+    assert png.name == f"{z:05d}_y{y}_x{x}_c64.png"
+    changed = volume.labels[MITO].copy()
+    inside = changed[z, y:y + 64, x:x + 64].copy()
+    changed[z] = ~changed[z]  # every label outside the crop flipped
+    changed[z, y:y + 64, x:x + 64] = inside
+    other = Volume(volume.image, {**volume.labels, MITO: changed}, volume.pixel_size_nm)
+    after = membranes_of(other, "b")
+    assert np.array_equal(before, after) and before.any()
+    # The test has teeth: predicting the whole slice, then cropping, differs.
+    window = (slice(y, y + 64), slice(x, x + 64))
+    assert not np.array_equal(fake_membranes(volume.labels[MITO][z:z + 1])[0][window],
+                              fake_membranes(changed[z:z + 1])[0][window])
+    # Cached: a second call predicts nothing.
+    membranes_of(volume, "a")
+    assert len(seen) == 2
+    # GAN cell keys: crops are marked as predicted on the crop; whole slices keep their keys.
+    identity = {"model": "m", "threshold": None, "thin_width": 0, "data": "d"}
+    whole = data.Selection([3], None, None)
+    assert runner.membrane_key(identity, whole) == sha256_text(canonical_json(
+        {**identity, "selection": whole.as_dict()}))
+    assert runner.membrane_key(identity, selection) != sha256_text(canonical_json(
+        {**identity, "selection": selection.as_dict()}))

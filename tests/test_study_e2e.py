@@ -156,7 +156,7 @@ def test_membranes_from_a_model_trained_as_a_cell(tmp_path, counted, monkeypatch
     membrane_config.write_text(yaml.safe_dump({
         "engine": {**ENGINE, "steps": 2},
         "data": {"phantom": {"domain": "vnc", "slices": 4, "size": 128},
-                 "train_slices": "0-2", "val_slices": "3"},
+                 "train_slices": "0-2", "val_slices": "3", "val_gap": 0},
         "sampling": {"patch_size": 64, "batch_size": 2},
         "model": unet_micro(),
         "infer": {"window": 128, "sw_batch_size": 2},
@@ -207,3 +207,53 @@ def test_membranes_from_a_precomputed_folder(tmp_path, counted):
     (z,) = index["regimes"][0]["per_seed"]["0"]["slices"]
     (volumes,) = counted["gan_volumes"]
     assert np.array_equal(volumes[0].labels[MEMBRANE][0], with_membranes.labels[MEMBRANE][z])
+
+
+@pytest.mark.slow
+def test_no_gan_or_segmenter_cell_opens_the_test_block(tmp_path):
+    """The same study with GANs (real, real+synthetic, synthetic) on data whose test block is
+    poisoned (images inverted, labels flipped) trains the same GAN, synthesises the same
+    images and trains the same segmenters with the same thresholds: no GAN, synthesis or
+    segmenter cell reads the test slices; only the evaluations do. (Segmenters alone, with
+    fit_task: tests/test_study_runner.py.)"""
+    from safetensors.torch import load_file
+
+    volume = generate_volume("ca1", 10, (256, 256), seed=0)
+    write_slice_folder(volume, tmp_path / "clean")
+    test_block = slice(8, 10)  # split 2/2/gap 1 of 10 slices: train 0-3, val 5-6, test 8-9
+    volume.image[test_block] = 255 - volume.image[test_block]
+    for name in (MITO, MEMBRANE):
+        volume.labels[name][test_block] = ~volume.labels[name][test_block]
+    write_slice_folder(volume, tmp_path / "poisoned")
+
+    found = []
+    for name in ("clean", "poisoned"):
+        cfg = StudyConfig.model_validate(e2e_config(data={"source": str(tmp_path / name),
+                                                          "layout": "slices"}))
+        study = tmp_path / f"study_{name}"
+        index = runner.run_study(cfg, study)
+        assert index["data"]["blocks"]["test"] == [8, 9]
+        cells_dir = study / "cells"
+        out = {"scores": [], "weights": {}, "thresholds": {}}
+        for entry in index["cells"]:
+            folder = cells_dir / entry["name"]
+            if entry["kind"] == "gan":
+                out["generator"] = load_file(str(folder / "gan" / "generator.safetensors"))
+                out["synthetic"] = read_volume(folder / cells.SYNTHETIC_DIR, "slices").image
+            elif entry["kind"] == "segment":
+                condition = entry["labels"]["condition"]
+                out["weights"][condition] = load_file(str(folder / "model" / "model.safetensors"))
+                out["thresholds"][condition] = json.loads(
+                    (folder / "result.json").read_text())["threshold"]
+            else:
+                out["scores"].append(json.loads((folder / "result.json").read_text())["iou"])
+        found.append(out)
+    clean, poisoned = found
+    assert clean["scores"] != poisoned["scores"]  # the poison is there, where the evals score
+    assert all(torch.equal(clean["generator"][k], poisoned["generator"][k])
+               for k in clean["generator"])
+    assert np.array_equal(clean["synthetic"], poisoned["synthetic"])
+    assert set(clean["weights"]) == {"real", "real+synthetic", "synthetic"}
+    for condition, weights in clean["weights"].items():
+        assert all(torch.equal(weights[k], poisoned["weights"][condition][k]) for k in weights)
+    assert clean["thresholds"] == poisoned["thresholds"]

@@ -232,3 +232,35 @@ def test_tiny_study_with_the_ablation_end_to_end(tmp_path):
     assert results.missing == 0 and set(results.conditions) == {"real", "real+synthetic"}
     report = md_path.read_text()
     assert "Ablation: mask layout x strategy" in report and "procedural/pretrain" in report
+    # One figure per mask layout, from the GAN cell's previews; steps of every segmenter.
+    for layout in ("remodel", "deformed", "procedural"):
+        assert (study / "figures" / f"layout_{layout}.png").is_file()
+        assert f"(figures/layout_{layout}.png)" in report
+    steps = report[report.index("### Segmenter training steps"):]
+    assert "| 1slice | real | 1 | 2 | 2 |  | 4 | steps |" in steps
+    assert "| 1slice | real+synthetic [procedural/pretrain] | 1 | 2 | 2 | 2 | 4 | steps |" in steps
+    assert "3 paired comparisons of test foreground IoU (1 in the main table, 2 in the " \
+           "ablation); none has a p-value (fewer than 2 seeds)." in report
+
+
+def test_the_default_gap_leaves_study_cells_and_old_runs_as_they_were(tmp_path):
+    """The GAN's data.val_gap (default 5) came after its other options. Runs record their
+    config without it while it is 0 (what they trained with), so runs written before it resume
+    with `-s data.val_gap=0` (the default now trains other slices, so resuming with it is
+    refused). The study's GAN has no validation block and its segmenters get their data from
+    the study, so their keys and recorded configs stay as they were: interrupted cells resume."""
+    from emsynth.gan.config import GanConfig, stored_config
+    from emsynth.segment.config import DataConfig
+
+    assert "val_gap" not in stored_config(GanConfig.model_validate({"data": {"val_gap": 0}}))["data"]
+    assert stored_config(GanConfig())["data"]["val_gap"] == 5
+    cfg = config(conditions=["real", "synthetic"],
+                 data={"phantom": {"domain": "ca1", "slices": 12, "size": 256, "seed": 3}},
+                 regimes=[{"name": "1slice", "slices": 1}])
+    assert cfg.gan_config().data.val_block == 0
+    assert "val_gap" not in stored_config(cfg.gan_config())["data"]
+    (gan,) = [p.cell.spec for p in runner.plan_cells(cfg, tmp_path) if p.cell.spec.kind == "gan"]
+    assert "val_gap" not in gan.settings["gan"]["data"]
+    assert gan.settings["gan"] == cfg.gan_config().model_dump(
+        mode="json", exclude={"data": {"val_gap"}})
+    assert DataConfig().val_gap == 5 and cells.segment_config(cfg, 0).data == DataConfig(val_gap=0)

@@ -33,6 +33,7 @@ SEGMENT_TINY = (
     "sampling.foreground_fraction=0.3",
     "infer.window=64",
     "data.val_block=2",
+    "data.val_gap=0",  # 4-6 slice phantoms: too short for the default gap of 5
     "engine.checkpoint_every=0",
     "engine.deterministic=true",
     "engine.precision=fp32",

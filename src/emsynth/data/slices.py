@@ -1,8 +1,11 @@
 """Slice selections of a volume: "0-9,20-29" ranges, contiguous z blocks, even spreads.
 
-Every stage holds validation (and the study also test) slices out as contiguous z blocks at
-the end of a volume: neighbouring EM slices are nearly identical, so interleaved held-out slices
-would measure memorisation, not generalisation. `split_blocks` is the one splitter they share.
+Every stage holds validation (and the study also test) slices out as contiguous z blocks:
+neighbouring EM slices are nearly identical, so interleaved held-out slices would measure
+memorisation, not generalisation, and so would a held-out block whose neighbours train. Every
+stage leaves `DEFAULT_GAP` slices out on each side of its held-out blocks, through one rule:
+`training_slices` (the slices that may train, given the held-out ones); `split_blocks` places the
+blocks at the end of a volume (the study, the GAN, segment train's default validation block).
 """
 
 from __future__ import annotations
@@ -11,10 +14,10 @@ import numpy as np
 
 from emsynth.errors import EmsynthError
 
-#: Slices left out between held-out blocks and training by default where a stage opts in (the
-#: study's split.gap; segment data.val_gap): neighbouring slices correlate at ~0.9. The
-#: segment, membrane and GAN stages keep gap 0 by default so their published figures stay
-#: comparable; pass gap=DEFAULT_GAP (or set data.val_gap) for an unbiased validation block.
+#: Slices left out between a held-out block and the training slices, by default in every stage
+#: (the study's split.gap, segment and membranes data.val_gap, the GAN's data.val_gap):
+#: neighbouring slices correlate at ~0.9, so a training slice next to a validation slice makes
+#: the validation figures optimistic. 0 only where a volume is too short (tiny test phantoms).
 DEFAULT_GAP = 5
 
 
@@ -50,17 +53,17 @@ def split_blocks(
     n_slices: int,
     val: int,
     test: int = 0,
-    gap: int = 0,
+    gap: int = DEFAULT_GAP,
     *,
     fix: str = "use smaller blocks",
     where: str = "",
 ) -> tuple[list[int], list[int], list[int]]:
     """Contiguous z blocks: train = the first slices, then val, then test, in z order.
 
-    `gap` slices are left out between neighbouring blocks so the last training slice and the
-    first validation slice are not near-duplicates. When no training slice would be left, the
-    error names the volume (`where`, e.g. its source) and says how to fix it (`fix`, naming the
-    caller's own settings).
+    `gap` slices are left out between neighbouring blocks (`training_slices`'s rule) so the last
+    training slice and the first validation slice are not near-duplicates. When no training
+    slice would be left, the error names the volume (`where`, e.g. its source) and says how to
+    fix it (`fix`, naming the caller's own settings).
     """
     used = val + test + gap * ((val > 0) + (test > 0))
     if used >= n_slices:
@@ -71,13 +74,38 @@ def split_blocks(
             f"{prefix}holding out {held} slices{gaps} leaves no training slices in a "
             f"{n_slices}-slice volume. Fix: {fix}"
         )
-    n_train = n_slices - used
-    train = list(range(n_train))
-    start = n_train + (gap if val else 0)
+    start = n_slices - used + (gap if val else 0)
     val_idx = list(range(start, start + val))
     start = start + val + (gap if test else 0)
     test_idx = list(range(start, start + test))
+    train = training_slices(n_slices, val_idx + test_idx, gap, fix=fix, where=where)
     return train, val_idx, test_idx
+
+
+def training_slices(
+    n_slices: int,
+    held: list[int],
+    gap: int = DEFAULT_GAP,
+    train: list[int] | None = None,
+    *,
+    fix: str = "use a smaller held-out block or gap",
+    where: str = "",
+) -> list[int]:
+    """The slices that may train: `train` (default: every slice) less the held-out slices and
+    the `gap` slices on either side of each held-out one. Given training slices inside a gap
+    are left out too (the gap is what keeps near-duplicates of held-out slices out of
+    training); callers record the slices they train on. Raises when none is left."""
+    near = set()
+    for z in held:
+        near.update(range(z - gap, z + gap + 1))
+    out = [z for z in (range(n_slices) if train is None else train) if z not in near]
+    if not out:
+        prefix = f"{where}: " if where else ""
+        raise EmsynthError(
+            f"{prefix}holding out {len(held)} slices with a gap of {gap} leaves no training "
+            f"slices in a {n_slices}-slice volume. Fix: {fix}"
+        )
+    return out
 
 
 def evenly_spaced(indices: list[int], count: int) -> list[int]:

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from emsynth.config import StrictModel
 from emsynth.data.phantom.config import PhantomConfig
+from emsynth.data.slices import DEFAULT_GAP
 from emsynth.data.volume import LABEL_NAMES, MEMBRANE, MITO
 from emsynth.engine.config import EngineConfig
 from emsynth.gan.networks import SIDE_MULTIPLE
@@ -37,6 +38,11 @@ class GanDataConfig(StrictModel):
     )
     val_block: int = Field(
         2, ge=0, description="Last slices of every volume held out for validation (0 = none)."
+    )
+    val_gap: int = Field(
+        DEFAULT_GAP, ge=0,
+        description="Slices before each validation block that never train (emsynth.data."
+        "slices.split_blocks): neighbours of a validation slice are near-duplicates of it.",
     )
     crop: int = Field(256, description="Training crop side; a multiple of 256 (8 levels).")
     batch_size: int = Field(1, ge=1)
@@ -192,6 +198,7 @@ ADDED_OPTIONS: dict[tuple[str, str], object] = {
     ("loss", "consistency_weight"): 0.0,
     ("loss", "consistency_segmenter"): None,
     ("optim", "g_steps_per_d"): 1,
+    ("data", "val_gap"): 0,
     ("diffaugment", None): {"policy": [], "translation": 0.125, "cutout": 0.5},
 }
 
@@ -200,6 +207,8 @@ def stored_config(cfg: GanConfig) -> dict:
     """`cfg` as JSON data without the engine section and without added options at their
     spec value (see ADDED_OPTIONS); what a run records and compares on resume."""
     dumped = cfg.model_dump(mode="json", exclude={"engine"})
+    if not cfg.data.val_block:  # no validation block: the gap changes nothing
+        dumped["data"]["val_gap"] = ADDED_OPTIONS[("data", "val_gap")]
     for (section, key), default in ADDED_OPTIONS.items():
         if key is None:
             if dumped.get(section) == default:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from emsynth.data.readers import read_volume
-from emsynth.data.slices import split_blocks
+from emsynth.data.slices import DEFAULT_GAP, split_blocks
 from emsynth.data.volume import Volume
 from emsynth.engine.task import step_context
 from emsynth.engine.trainer import train
@@ -24,13 +24,15 @@ def load_volumes(cfg: GanConfig) -> list[Volume]:
     return [data.phantom.generate()]
 
 
-def split_volumes(volumes: list[Volume], val_block: int) -> tuple[list[Volume], list[Volume]]:
+def split_volumes(volumes: list[Volume], val_block: int, gap: int = DEFAULT_GAP
+                  ) -> tuple[list[Volume], list[Volume]]:
     """Last `val_block` slices of every volume for validation (a contiguous z block, so that
-    near-identical neighbouring slices do not land on both sides), the rest for training."""
+    near-identical neighbouring slices do not land on both sides), `gap` slices before it left
+    out, the rest for training."""
     train_parts, val_parts = [], []
     for volume in volumes:
-        train, val, _ = split_blocks(len(volume), val_block, where=volume.source,
-                                     fix="lower data.val_block")
+        train, val, _ = split_blocks(len(volume), val_block, gap=gap, where=volume.source,
+                                     fix="lower data.val_block or data.val_gap")
         train_parts.append(volume.select(train))
         if val:
             val_parts.append(volume.select(val))
@@ -42,7 +44,8 @@ def train_gan(cfg: GanConfig, run_dir: str | Path, resume: bool = True,
     """Train per `cfg` (on `volumes` if given, else the configured data); returns the engine's
     final metrics plus `generator`, the exported file."""
     run_dir = Path(run_dir)
-    train_volumes, val_volumes = split_volumes(volumes or load_volumes(cfg), cfg.data.val_block)
+    train_volumes, val_volumes = split_volumes(volumes or load_volumes(cfg), cfg.data.val_block,
+                                               cfg.data.val_gap)
     task = GanTask(cfg, train_volumes, val_volumes)
     result = train(task, cfg.engine, run_dir, resume=resume)
     if step_context(cfg.engine).is_main:

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from emsynth.config import StrictModel
 from emsynth.data.phantom.config import PhantomConfig
+from emsynth.data.slices import DEFAULT_GAP
 from emsynth.engine.config import EngineConfig
 from emsynth.segment.config import (
     AugmentConfig,
@@ -53,8 +54,17 @@ class MembraneDataConfig(StrictModel):
         description="Train on this generated phantom volume instead of `path`, e.g. "
         "{domain: vnc, slices: 20, size: 256, seed: 0}.",
     )
-    train_slices: str = Field("0-15", description='Training slices of `path`, e.g. "0-15".')
+    train_slices: str | None = Field(
+        None,
+        description='Training slices of `path`, e.g. "0-10"; None = every slice but the '
+        "validation block and its gap.",
+    )
     val_slices: str = Field("16-19", description="Held-out contiguous block: threshold choice.")
+    val_gap: int = Field(
+        DEFAULT_GAP, ge=0,
+        description="Slices on each side of val_slices that never train (the segment stage's "
+        "data.val_gap): VNC 16-19 held out trains on 0-10.",
+    )
     extra_path: str | None = Field(
         None,
         description="Extra membrane-only training slices (e.g. ISBI 2012, layout isbi); all of "
@@ -141,6 +151,7 @@ class MembraneConfig(StrictModel):
             data=DataConfig(
                 inputs=list(INPUTS), target=TARGET,
                 train_slices=self.data.train_slices, val_slices=self.data.val_slices,
+                val_gap=self.data.val_gap,
             ),
             sampling=self.sampling,
             augment=AugmentConfig(

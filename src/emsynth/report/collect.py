@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from emsynth.errors import input_error
-from emsynth.report.stats import Summary, paired_difference, summarize
+from emsynth.report.stats import Summary, holm, paired_difference, summarize
 from emsynth.study.layout import (
     CELLS_DIR,
     DONE,
@@ -26,6 +26,19 @@ METRICS = ("iou", "dice")
 METRIC_NAMES = {"iou": "foreground IoU", "dice": "foreground Dice"}
 #: Paired differences shown, as (minuend, subtrahend): b - a first, then c - a.
 DIFFERENCES = ((MIXED, REAL), (SYNTHETIC, REAL))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One paired comparison the report makes: condition `b` minus `a` at a regime, with the
+    Holm-adjusted p over every comparison of the report (None without a p: fewer than 2
+    seeds)."""
+
+    regime: str
+    b: str
+    a: str
+    difference: Summary
+    p_holm: float | None
 
 
 @dataclass
@@ -60,6 +73,25 @@ class StudyResults:
     @property
     def differences(self) -> list[tuple[str, str]]:
         return [(b, a) for b, a in DIFFERENCES if b in self.conditions and a in self.conditions]
+
+    @property
+    def variants(self) -> list[tuple[str, str]]:
+        """(regime, condition) of the ablation's variants, e.g. ("1slice", "real+synthetic
+        [remodel/add 0.25]"), in regime order."""
+        keys = {key for table in self.scores.values() for key in table if " [" in key[1]}
+        return [(r, c) for r in self.regimes for c in sorted(c for rr, c in keys if rr == r)]
+
+    def comparisons(self, metric: str = "iou") -> dict[tuple[str, str, str], Comparison]:
+        """Every paired comparison the report tests, keyed (regime, b, a): the main grid's
+        differences at each regime, then each ablation variant against real-only (the
+        ablation's main-recipe row is the main grid's comparison, counted once). p-values are
+        Holm-adjusted across all of them that have one."""
+        keys = [(r, b, a) for r in self.regimes for b, a in self.differences]
+        keys += [(r, c, REAL) for r, c in self.variants if REAL in self.conditions]
+        differences = {k: self.difference(metric, k[0], k[1], k[2]) for k in keys}
+        tested = [k for k, d in differences.items() if d.p is not None]
+        adjusted = dict(zip(tested, holm([differences[k].p for k in tested]), strict=True))
+        return {k: Comparison(*k, d, adjusted.get(k)) for k, d in differences.items()}
 
     @property
     def missing(self) -> int:

@@ -122,20 +122,31 @@ def tile_rows(rows: list[tuple[str, list[np.ndarray]]], title: str,
     return _png(fig)
 
 
+def preview_rows(label: str, preview: dict[str, np.ndarray]
+                 ) -> list[tuple[str, list[np.ndarray]]]:
+    """Two rows of a preview: the grey images, then with their masks (red mitochondria, green
+    membranes)."""
+    images = list(preview["image"])
+    masks = [{k: preview[k][i] for k in (MITO, MEMBRANE) if k in preview}
+             for i in range(len(images))]
+    return [(label, images), (f"{label} + masks", [_tile(im, m) for im, m in zip(images, masks)])]
+
+
 def data_grid(regime: str, real: dict[str, np.ndarray] | None,
               synthetic: dict[str, np.ndarray] | None) -> bytes:
     """Real and synthetic images of a regime: grey image, then with masks (red mito, green
     membranes)."""
-    rows = []
-    for label, preview in (("real", real), ("synthetic", synthetic)):
-        if preview is None:
-            continue
-        images = list(preview["image"])
-        masks = [{k: preview[k][i] for k in (MITO, MEMBRANE) if k in preview}
-                 for i in range(len(images))]
-        rows.append((f"{label}", images))
-        rows.append((f"{label} + masks", [_tile(im, m) for im, m in zip(images, masks)]))
+    rows = [row for label, preview in (("real", real), ("synthetic", synthetic))
+            if preview is not None for row in preview_rows(label, preview)]
     return tile_rows(rows, f"regime {regime}: images (masks: red mitochondria, green membranes)")
+
+
+def layout_grid(layout: str, previews: list[tuple[str, dict[str, np.ndarray]]]) -> bytes:
+    """One mask layout's synthetic images, per regime (label, preview): the images, then with
+    the layout's masks they were drawn from."""
+    rows = [row for regime, preview in previews for row in preview_rows(regime, preview)]
+    return tile_rows(rows, f"mask layout {layout}: synthetic images and their masks (red "
+                     "mitochondria, green membranes)")
 
 
 def prediction_tile(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from rich.table import Table
 from emsynth.engine.progress import format_duration
 from emsynth.io import atomic_write_bytes, atomic_write_text
 from emsynth.report import plots
-from emsynth.report.collect import METRIC_NAMES, StudyResults
+from emsynth.report.collect import METRIC_NAMES, Comparison, StudyResults
 from emsynth.study.layout import (
     CELLS_DIR,
     MIXED,
@@ -25,9 +25,13 @@ from emsynth.study.layout import (
     REAL,
     REAL_PREVIEW,
     STUDY_YAML,
+    canonical_layout,
+    layout_preview,
     load_preview,
 )
 
+#: The metric whose paired differences get p-values (Dice is shown, not tested).
+TESTED_METRIC = "iou"
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
 FIGURES_DIR = "figures"
@@ -53,30 +57,64 @@ def _duration(seconds: float | None) -> str:
     return "" if seconds is None else format_duration(seconds)
 
 
-def _diff_text(summary, digits: int = 3) -> str:
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _diff_text(summary, digits: int = 3, comparison: Comparison | None = None) -> str:
+    """Mean [95% CI] (n), * when the interval excludes 0; with a `comparison`, its paired
+    t-test p and Holm-adjusted p."""
     if summary.n == 0:
         return "n/a"
     text = f"{summary.mean:+.{digits}f}"
     if summary.low is None:
         return f"{text} (n={summary.n}, no CI)"
     marker = " *" if summary.excludes_zero else ""
-    return f"{text} [{summary.low:+.{digits}f}, {summary.high:+.{digits}f}] (n={summary.n}){marker}"
+    text = (f"{text} [{summary.low:+.{digits}f}, {summary.high:+.{digits}f}] "
+            f"(n={summary.n}){marker}")
+    if comparison is not None:
+        text += f"; p {_p_text(summary.p)}, Holm p {_p_text(comparison.p_holm)}"
+    return text
+
+
+def comparisons_note(results: StudyResults) -> str:
+    """How many comparisons the report tests and how their p-values are adjusted."""
+    comparisons = results.comparisons(TESTED_METRIC)
+    tested = sum(c.p_holm is not None for c in comparisons.values())
+    main = sum(c.b in results.conditions for c in comparisons.values())
+    text = (f"{len(comparisons)} paired comparisons of test {METRIC_NAMES[TESTED_METRIC]} "
+            f"({main} in the main table, {len(comparisons) - main} in the ablation); ")
+    if not tested:
+        text += "none has a p-value (fewer than 2 seeds)."
+    else:
+        which = f"all {tested}" if tested == len(comparisons) else \
+            f"the {tested} with at least 2 seeds"
+        text += (f"p-values (two-sided paired t-test over seeds) of {which}, Holm-adjusted "
+                 f"across those {tested}.")
+    return text + " Dice differences are descriptive (not tested)."
 
 
 def score_table(results: StudyResults, metric: str) -> TableData:
-    """Regimes as rows; each condition's mean ± CI half-width, then the paired differences."""
+    """Regimes as rows; each condition's mean ± CI half-width, then the paired differences
+    (for the tested metric, IoU, with their p and Holm-adjusted p)."""
     header = ["regime", "annotated px", *results.conditions,
               *[f"{b} − {a} (paired)" for b, a in results.differences]]
+    comparisons = results.comparisons(metric) if metric == TESTED_METRIC else {}
     rows = []
     for regime in results.regimes:
         row = [regime, f"{results.pixels.get(regime, 0):,}"]
         row += [results.summary(metric, regime, c).text() for c in results.conditions]
-        row += [_diff_text(results.difference(metric, regime, b, a))
+        row += [_diff_text(results.difference(metric, regime, b, a),
+                           comparison=comparisons.get((regime, b, a)))
                 for b, a in results.differences]
         rows.append(row)
     note = (f"Test {METRIC_NAMES[metric]} (whole test volume, foreground class only), mean ± "
             "half-width of the 95% t-interval over seeds; differences: mean [95% CI] of the "
-            "per-seed difference, * = the interval excludes 0.")
+            "per-seed difference, * = the interval excludes 0 (unadjusted).")
+    if comparisons:
+        note += " " + comparisons_note(results)
     return TableData(f"Test {METRIC_NAMES[metric]}", header, rows, note)
 
 
@@ -92,26 +130,74 @@ def per_seed_table(results: StudyResults) -> TableData:
     return TableData("Per-seed test scores (IoU / Dice)", header, rows)
 
 
-def ablation_table(results: StudyResults, metric: str = "iou") -> TableData | None:
+def ablation_table(results: StudyResults, metric: str = TESTED_METRIC) -> TableData | None:
     """The mask layout x strategy ablation (segment cells with a `variant` label): each
-    variant's mean ± CI and its paired difference from real-only at the same regime."""
-    variants = sorted(key for key in results.scores[metric] if " [" in key[1])
-    if not variants:
+    variant's mean ± CI and its paired difference from real-only at the same regime, with the
+    paired t-test p and the Holm-adjusted p over all the report's comparisons."""
+    if not results.variants:
         return None
+    comparisons = results.comparisons(metric)
     rows = []
     for regime in results.regimes:
-        mine = [c for r, c in variants if r == regime]
+        mine = [c for r, c in results.variants if r == regime]
         if not mine:
             continue
         for condition in [MIXED, *mine]:
             label = condition.split(" [", 1)[1].rstrip("]") if " [" in condition else \
                 f"{MIXED} (main recipe)"
+            difference = results.difference(metric, regime, condition, REAL)
+            comparison = comparisons.get((regime, condition, REAL))
             rows.append([regime, label, results.summary(metric, regime, condition).text(),
-                         _diff_text(results.difference(metric, regime, condition, REAL))])
-    note = (f"{len(rows)} comparisons with real-only (unadjusted 95% CIs: with this many, "
-            "some intervals exclude 0 by chance; choose the recipe on validation, not here).")
+                         _diff_text(difference), _p_text(difference.p),
+                         _p_text(comparison.p_holm if comparison else None)])
+    note = ("Unadjusted 95% CIs and p-values (two-sided paired t-test over seeds); Holm p: "
+            "adjusted over every comparison of this report (main table and ablation), the one "
+            "to read with this many. Choose the recipe on validation, not here. "
+            + comparisons_note(results))
     return TableData(f"Ablation: mask layout x strategy (test {METRIC_NAMES[metric]})",
-                     ["regime", "variant", "mean ± CI", f"variant − {REAL} (paired)"], rows, note)
+                     ["regime", "variant", "mean ± CI", f"variant − {REAL} (paired)", "p",
+                      "Holm p"], rows, note)
+
+
+def _span(values: list) -> str:
+    """"600" when every value is the same, "598–600" otherwise, "" for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
+def steps_table(results: StudyResults) -> TableData | None:
+    """Training steps of every segmenter, per regime and condition (ablation variants
+    included), over seeds: run, planned (the fixed budget), pretraining, real crops seen."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for info in results.cells:
+        if info.kind != "segment" or info.result is None:
+            continue
+        label = info.labels["condition"]
+        if info.labels.get("variant"):
+            label = f"{label} [{info.labels['variant']}]"
+        groups.setdefault((info.labels["regime"], label), []).append(info.result)
+    if not groups:
+        return None
+    rows = []
+    for regime in results.regimes:
+        for (r, label), found in groups.items():
+            if r != regime:
+                continue
+            stops = sorted({str(f.get("stop_reason", "")) for f in found})
+            rows.append([regime, label, str(len(found)), _span([f.get("steps") for f in found]),
+                         _span([f.get("steps_planned") for f in found]),
+                         _span([f.get("pretrain", {}).get("steps") for f in found]),
+                         _span([f.get("real_crops") for f in found]), ", ".join(stops)])
+    note = ("Steps each segmenter trained (one value: the same for every seed), its planned "
+            "budget, the synthetic-only pretraining (pretrain strategy) and the real crops it "
+            "drew; stopped by: steps (the budget) or time (segment.engine.max_time, the "
+            "safety net).")
+    return TableData("Segmenter training steps", ["regime", "condition", "seeds", "steps",
+                                                  "planned", "pretrain steps", "real crops",
+                                                  "stopped by"], rows, note)
 
 
 def gan_table(results: StudyResults) -> TableData | None:
@@ -223,6 +309,7 @@ def build_figures(results: StudyResults) -> list[FigureData]:
         figures.append(FigureData(
             f"Regime {regime}: real and synthetic training images (seed {first_seed})",
             f"{FIGURES_DIR}/data_{regime}.png", plots.data_grid(regime, real, synthetic)))
+    figures += layout_figures(results, first_seed)
     rows = []
     for regime in results.regimes:
         tiles = []
@@ -241,6 +328,29 @@ def build_figures(results: StudyResults) -> list[FigureData]:
                              results.conditions),
             "Middle slice of the test set (top-left corner), at each model's chosen threshold."))
     return figures
+
+
+def layout_figures(results: StudyResults, seed: int) -> list[FigureData]:
+    """One figure per mask layout the study synthesised: each regime's synthetic images from
+    that layout and their masks (the GAN cells' previews of `seed`)."""
+    main = canonical_layout(results.index["config"]["synthesis"]["masks"])
+    found: dict[str, list[tuple[str, dict[str, np.ndarray]]]] = {}
+    sources: dict[str, str] = {}
+    for regime in results.regimes:
+        gan = results.cell("gan", regime=regime, seed=seed)
+        if gan is None or gan.result is None:
+            continue
+        per_layout = gan.result.get("layouts") or {main: gan.result}
+        for layout, info in per_layout.items():
+            preview = load_preview(results.study_dir / CELLS_DIR / gan.name
+                                   / layout_preview(layout, main))
+            if preview is not None:
+                found.setdefault(layout, []).append((regime, preview))
+                sources.setdefault(layout, info.get("mask_source", ""))
+    return [FigureData(
+        f"Mask layout {layout}: synthetic images (seed {seed})",
+        f"{FIGURES_DIR}/layout_{layout}.png", plots.layout_grid(layout, previews),
+        f"Masks: {sources[layout]}.") for layout, previews in found.items()]
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -300,14 +410,16 @@ def _intro(results: StudyResults) -> str:
             f"Regimes: {', '.join(results.regimes)}; seeds: {len(results.seeds)}; conditions: "
             f"{', '.join(results.conditions)}.{synthesis} Every segmenter of a seed has the same "
             "step budget, augmentation and initialisation; thresholds are chosen on the "
-            f"validation block, scores measured on the test set. Study {status}.")
+            f"validation block, scores measured on the test set. Study {status}."
+            + (" " + comparisons_note(results) if results.comparisons(TESTED_METRIC) else ""))
 
 
 def write_report(results: StudyResults) -> tuple[Path, Path]:
     """Write figures/*.png, report.md and report.html into the study folder."""
     study_dir = results.study_dir
     tables = [score_table(results, "iou"), score_table(results, "dice"), per_seed_table(results)]
-    extra = [t for t in (ablation_table(results), gan_table(results)) if t is not None]
+    extra = [t for t in (ablation_table(results), steps_table(results), gan_table(results))
+             if t is not None]
     figures = build_figures(results)
     for figure in figures:
         atomic_write_bytes(study_dir / figure.file, figure.png)

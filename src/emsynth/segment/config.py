@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from emsynth.config import StrictModel
+from emsynth.data.slices import DEFAULT_GAP
 from emsynth.engine.config import EngineConfig
 
 
@@ -35,12 +36,12 @@ class DataConfig(StrictModel):
         "val_slices is not given (0 = no validation).",
     )
     val_gap: int = Field(
-        0,
+        DEFAULT_GAP,
         ge=0,
-        description="Slices on each side of the validation block left out of the default "
-        "training slices (neighbouring slices correlate at ~0.9, so 0 makes validation "
-        "optimistic); emsynth.data.slices.DEFAULT_GAP (5) is the study's. 0 keeps earlier "
-        "figures comparable.",
+        description="Slices on each side of the validation block that never train, given "
+        "train_slices included (emsynth.data.slices.training_slices): neighbouring slices "
+        "correlate at ~0.9, so without a gap validation is optimistic. 0 only for volumes too "
+        "short for one.",
     )
 
     @model_validator(mode="after")

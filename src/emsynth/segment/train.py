@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from emsynth.data.slices import parse_slices, split_blocks
+from emsynth.data.slices import parse_slices, split_blocks, training_slices
 from emsynth.data.volume import Volume
 from emsynth.engine.task import step_context
 from emsynth.engine.trainer import train
@@ -36,36 +36,29 @@ class SliceSplit:
 
 
 def resolve_split(cfg: SegmentConfig, n_slices: int) -> SliceSplit:
-    """Train/val slice indices from the data config (val: a contiguous block, never interleaved)."""
+    """Train/val slice indices from the data config (val: a contiguous block, never
+    interleaved; data.val_gap slices on each side of it never train)."""
     d = cfg.data
+    fix = "lower data.val_gap or data.val_block, or pass other --val-slices"
     if d.val_slices is not None:
         val = parse_slices(d.val_slices, n_slices, "validation slices")
     else:
-        val = split_blocks(n_slices, d.val_block,
-                           fix="lower data.val_block or pass --val-slices")[1]
+        val = split_blocks(n_slices, d.val_block, gap=d.val_gap, fix=fix)[1]
+    given = None
     if d.train_slices is not None:
-        train_idx = parse_slices(d.train_slices, n_slices, "training slices")
-    else:
-        held = set(val)
-        if val and d.val_gap:
-            held |= set(range(val[0] - d.val_gap, val[0])) | set(
-                range(val[-1] + 1, val[-1] + 1 + d.val_gap))
-        train_idx = [i for i in range(n_slices) if i not in held]
-        if not train_idx:
+        given = parse_slices(d.train_slices, n_slices, "training slices")
+        overlap = sorted(set(given) & set(val))
+        if overlap:
             raise EmsynthError(
-                f"validation block {val[0]}-{val[-1]} with a gap of {d.val_gap} leaves no "
-                f"training slices in {n_slices}. Fix: lower data.val_gap or data.val_block")
-    overlap = sorted(set(train_idx) & set(val))
-    if overlap:
-        raise EmsynthError(
-            f"slice {overlap[0]} is in both the training and the validation slices. Fix: make "
-            "--train-slices and --val-slices disjoint"
-        )
+                f"slice {overlap[0]} is in both the training and the validation slices. Fix: "
+                "make --train-slices and --val-slices disjoint"
+            )
     if val and val != list(range(val[0], val[-1] + 1)):
         raise EmsynthError(
             f"validation slices {d.val_slices!r} are not one contiguous block. Fix: give a range "
             "such as 145-164 (neighbouring slices are near-duplicates, so interleaving leaks)"
         )
+    train_idx = training_slices(n_slices, val, d.val_gap, given, fix=fix)
     return SliceSplit(train=train_idx, val=val)
 
 

@@ -46,7 +46,16 @@ from emsynth.segment.train import FINAL_METRICS, fit_task
 from emsynth.study import data as study_data
 from emsynth.study.cache import Cell, hash_arrays
 from emsynth.study.config import StudyConfig
-from emsynth.study.layout import MIXED, PREVIEW, REAL, REAL_PREVIEW, SYNTHETIC, save_preview
+from emsynth.study.layout import (
+    MIXED,
+    PREVIEW,
+    REAL,
+    REAL_PREVIEW,
+    SYNTHETIC,
+    canonical_layout,
+    layout_preview,
+    save_preview,
+)
 
 GAN_RUN = "gan"
 SYNTHETIC_DIR = "synthetic"
@@ -117,18 +126,25 @@ def membrane_model_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def predicted_membranes(cache_dir: Path, model_dir: Path, volume: Volume, slices: list[int],
+def predicted_membranes(cache_dir: Path, model_dir: Path, real: Volume, names: list[str],
                         threshold: float | None, thin_width: int, device: torch.device,
                         precision: str) -> np.ndarray:
-    """Binary membranes (len(slices), y, x) of whole slices, predicted by the membrane model
-    from the image and the mitochondria labels; each slice is cached as a PNG in `cache_dir`
-    (whose name is the hash of model, data and settings), so every slice is predicted once."""
+    """Binary membranes of a regime's real data `real` (its slices or crops), predicted by the
+    membrane model from `real`'s own image and mitochondria labels only; each plane is cached
+    as `<name>.png` in `cache_dir` (named by the hash of model, data and settings), so each is
+    predicted once.
+
+    A crop regime's membranes are predicted on the crop alone (image and labels), not on the
+    whole slice: the GAN, the synthetic masks and the segmenters see only the crop, so the
+    membrane channel does too. Labels zeroed outside the crop on a whole-slice prediction
+    would instead tell the model that no mitochondria lie around the crop (false next to its
+    edges) and show it image context nothing else of the regime sees."""
     from emsynth.membranes.predict import MembraneModel, predict_membranes, thin_membranes
 
-    out = np.empty((len(slices), *volume.shape[1:]), bool)
+    out = np.empty(real.shape, bool)
     missing = []
-    for i, z in enumerate(slices):
-        path = cache_dir / f"{z:05d}.png"
+    for i, name in enumerate(names):
+        path = cache_dir / f"{name}.png"
         if path.is_file():
             out[i] = iio.imread(path) > 127
         else:
@@ -139,15 +155,15 @@ def predicted_membranes(cache_dir: Path, model_dir: Path, volume: Volume, slices
     cut_level = model.threshold if threshold is None else threshold
     chunk = 8
     for start in range(0, len(missing), chunk):
-        part = [slices[i] for i in missing[start:start + chunk]]
-        sub = volume.select(part)
+        part = missing[start:start + chunk]
+        sub = real.select(part)
         prob = predict_membranes(model, sub, sub.labels[MITO], str(device), precision)
         binary = prob >= cut_level
         if thin_width:
             binary = thin_membranes(binary, thin_width)
-        for z, plane, i in zip(part, binary, missing[start:start + chunk], strict=True):
+        for i, plane in zip(part, binary, strict=True):
             out[i] = plane
-            with atomic_path(cache_dir / f"{z:05d}.png") as tmp:
+            with atomic_path(cache_dir / f"{names[i]}.png") as tmp:
                 iio.imwrite(tmp, plane.astype(np.uint8) * 255, extension=".png")
     return out
 
@@ -205,7 +221,7 @@ def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch
     generator, conditioning, _ = load_generator(cell.dir / GAN_RUN, device)
 
     s = cfg.synthesis
-    main = "deformed" if s.masks == "real" else s.masks
+    main = canonical_layout(s.masks)
     layouts = layouts or [main]
     count = synthetic_count(cfg, len(real))
     precision = resolve_precision(gan_cfg.engine.precision, device)
@@ -218,8 +234,7 @@ def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch
                                       seed=seed, device=device, precision=precision)
         folder = synthetic_dir(layout, main)
         write_slice_folder(synthetic, cell.dir / folder)
-        preview = PREVIEW if layout == main else f"preview-{layout}.npz"
-        save_preview(cell.dir / preview, **preview_of(synthetic, channels))
+        save_preview(cell.dir / layout_preview(layout, main), **preview_of(synthetic, channels))
         per_layout[layout] = {
             "folder": folder,
             "size": list(synthetic.shape[1:]),
@@ -253,12 +268,17 @@ def synthetic_data(gan_cell: Cell, folder: str = SYNTHETIC_DIR) -> SegmentData:
 def segment_config(cfg: StudyConfig, seed: int, steps: int | None = None) -> SegmentConfig:
     """The segmenter config of every condition of one seed: same budget, augmentation and
     initialisation seed, so conditions differ only in their data. `steps`: the regime's fixed
-    step budget (RegimeConfig.steps), else segment.engine.steps."""
+    step budget (RegimeConfig.steps), else segment.engine.steps.
+
+    The study supplies the data (its own blocks, split.gap), so data.val_gap is unused here: it
+    stays 0, the value segmenters checkpointed before its default became 5 recorded, so
+    interrupted cells still resume."""
     update: dict[str, Any] = {"seed": seed}
     if steps is not None:
         update["steps"] = steps
     engine = cfg.segment.engine.model_copy(update=update)
-    return cfg.segment.model_copy(update={"engine": engine})
+    data = cfg.segment.data.model_copy(update={"val_gap": 0})
+    return cfg.segment.model_copy(update={"engine": engine, "data": data})
 
 
 def with_steps(seg_cfg: SegmentConfig, steps: int) -> SegmentConfig:

@@ -28,7 +28,7 @@ from emsynth.segment.config import (
     SegmentConfig,
     WarpConfig,
 )
-from emsynth.study.layout import CONDITIONS, REAL
+from emsynth.study.layout import CONDITIONS, REAL, canonical_layout
 
 Condition = Literal["real", "real+synthetic", "synthetic"]
 Layout = Literal["real", "deformed", "remodel", "procedural"]
@@ -310,10 +310,9 @@ class StudyConfig(StrictModel):
     def layouts(self, regime: str) -> list[str]:
         """The mask layouts a regime's GAN cell synthesises: synthesis.masks first, then the
         ablation's others (deformed and real are one layout)."""
-        main = "deformed" if self.synthesis.masks == "real" else self.synthesis.masks
-        out = [main]
+        out = [canonical_layout(self.synthesis.masks)]
         if self.ablation is not None and regime in self.ablation.regimes:
-            out += [layout if layout != "real" else "deformed" for layout in self.ablation.layouts]
+            out += [canonical_layout(layout) for layout in self.ablation.layouts]
         return list(dict.fromkeys(out))
 
     def gan_config(self) -> GanConfig:

@@ -104,6 +104,13 @@ class Selection:
     def as_dict(self) -> dict:
         return {"slices": self.slices, "corners": self.corners, "crop": self.crop}
 
+    def part_names(self) -> list[str]:
+        """A file stem per selected slice or crop: z, with the crop's corner and side."""
+        if self.corners is None:
+            return [f"{z:05d}" for z in self.slices]
+        return [f"{z:05d}_y{y}_x{x}_c{self.crop}"
+                for z, (y, x) in zip(self.slices, self.corners, strict=True)]
+
 
 def _stable_seed(seed: int, regime: RegimeConfig) -> list[int]:
     """A generator seed from the study seed and the regime's size (not its name or order)."""

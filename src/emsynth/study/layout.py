@@ -6,6 +6,7 @@ names from here, so the report needs none of the study's internals.
     STUDY_DIR/study.yaml        the resolved config
     STUDY_DIR/previews/         real_<regime>.npz preview crops
     STUDY_DIR/cells/<name>/     cell.json (record), result.json, done.json, preview*.npz
+                                (a GAN cell: one preview per mask layout, `layout_preview`)
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ REAL = "real"
 MIXED = "real+synthetic"
 SYNTHETIC = "synthetic"
 CONDITIONS = (REAL, MIXED, SYNTHETIC)
+
+
+def canonical_layout(name: str) -> str:
+    """A mask layout's name: "real" is the older name of "deformed" (synthesis.masks)."""
+    return "deformed" if name == "real" else name
+
+
+def layout_preview(layout: str, main: str) -> str:
+    """The GAN cell's preview of one layout's synthetic images: PREVIEW for the study's own
+    layout `main` (synthesis.masks), preview-<layout>.npz for the ablation's others."""
+    return PREVIEW if layout == main else f"preview-{layout}.npz"
 
 
 def save_preview(path: Path, **arrays: np.ndarray) -> None:

@@ -32,6 +32,7 @@ from emsynth.engine.device import (
 )
 from emsynth.engine.progress import format_duration
 from emsynth.errors import EmsynthError
+from emsynth.gan.config import GanConfig
 from emsynth.io import atomic_write_text, plain
 from emsynth.segment.sampling import IMAGE, segment_data
 from emsynth.study import cells
@@ -53,6 +54,7 @@ from emsynth.study.layout import (
     REAL,
     STUDY_JSON,
     STUDY_YAML,
+    canonical_layout,
     save_preview,
 )
 
@@ -194,21 +196,39 @@ def _membrane_setup(state: StudyState, planned: list[Planned]) -> None:
 
 
 def _regime_volume(state: StudyState, regime, seed: int, with_membranes: bool) -> Volume:
-    """The real annotated data of a regime and seed (membranes added for the GAN)."""
+    """The real annotated data of a regime and seed (membranes added for the GAN: predicted
+    from this data alone, crops included; cells.predicted_membranes)."""
     selection = state.selections[(regime.name, seed)]
     volume = state.source.volume
-    extra = {}
-    if with_membranes and state.membrane_model_dir is not None:
-        device = cells.inference_device(state.cfg.gan.engine)
-        m = state.cfg.membranes
-        extra[MEMBRANE] = cells.predicted_membranes(
-            state.membrane_cache, state.membrane_model_dir, volume, selection.slices,
-            m.threshold, m.thin_width, device,
-            resolve_precision(state.cfg.gan.engine.precision, device))
     keep = {MITO} | ({MEMBRANE} if with_membranes else set())
     trimmed = Volume(volume.image, {k: v for k, v in volume.labels.items() if k in keep},
                      volume.pixel_size_nm, volume.source, volume.slice_names)
-    return study_data.cut(trimmed, selection, extra)
+    real = study_data.cut(trimmed, selection)
+    if with_membranes and state.membrane_model_dir is not None:
+        device = cells.inference_device(state.cfg.gan.engine)
+        m = state.cfg.membranes
+        real.labels[MEMBRANE] = cells.predicted_membranes(
+            state.membrane_cache, state.membrane_model_dir, real, selection.part_names(),
+            m.threshold, m.thin_width, device,
+            resolve_precision(state.cfg.gan.engine.precision, device))
+    return real
+
+
+def membrane_key(identity: dict[str, Any], selection: study_data.Selection) -> str:
+    """The content key of a regime's predicted membranes: model, settings, data and selection.
+    Crops are marked as predicted on the crop (earlier studies predicted whole slices, then
+    cropped), so their GAN cells are redone; whole-slice keys are unchanged."""
+    key = {**identity, "selection": selection.as_dict()}
+    if selection.crop is not None:
+        key["predicted_on"] = "crop"
+    return sha256_text(canonical_json(key))
+
+
+def gan_settings(gan_cfg: GanConfig) -> dict[str, Any]:
+    """The study GAN's config as hashed into its cell key. The study's GAN has no validation
+    block (StudyConfig.gan_config), so data.val_gap changes nothing: it is left out, and cells
+    keep the keys they had before the field existed."""
+    return gan_cfg.model_dump(mode="json", exclude={"data": {"val_gap"}})
 
 
 #: SynthesisConfig fields added after the first studies ran, with the values that reproduce
@@ -268,13 +288,12 @@ def plan_study(state: StudyState) -> list[Planned]:
                 if with_membranes:
                     inputs["membranes"] = (
                         hash_arrays(real.labels[MEMBRANE]) if state.membrane_identity is None
-                        else sha256_text(canonical_json({**state.membrane_identity,
-                                                         "selection": selection.as_dict()})))
-                gan_settings = {"gan": gan_cfg.model_dump(mode="json"),
-                                "synthesis": synthesis_settings(cfg), "seed": seed}
+                        else membrane_key(state.membrane_identity, selection))
+                settings = {"gan": gan_settings(gan_cfg), "synthesis": synthesis_settings(cfg),
+                            "seed": seed}
                 if len(layouts) > 1:
-                    gan_settings["layouts"] = layouts
-                spec = CellSpec("gan", CELL_VERSIONS["gan"], gan_settings, inputs, labels)
+                    settings["layouts"] = layouts
+                spec = CellSpec("gan", CELL_VERSIONS["gan"], settings, inputs, labels)
                 gan_cell = Cell(study_dir, spec)
 
                 def gan_work(cell=gan_cell, regime=regime, seed=seed, layouts=layouts):
@@ -295,7 +314,7 @@ def plan_study(state: StudyState) -> list[Planned]:
             for condition, variant in variants:
                 layout, strategy, share = variant or (layouts[0], cfg.mix.strategy,
                                                       cfg.mix.synthetic_share)
-                layout = "deformed" if layout == "real" else layout
+                layout = canonical_layout(layout)
                 inputs = {"val": val_key}
                 if condition != "synthetic":
                     inputs["real"] = real_key
