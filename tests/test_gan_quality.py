@@ -35,6 +35,7 @@ from emsynth.gan.quality import (
     texture_regions,
     texture_scores,
     tstr,
+    tstr_real_key,
     tstr_split,
 )
 from emsynth.gan.train import train_gan
@@ -217,6 +218,28 @@ def test_tstr_split_and_a_tiny_run(tmp_path):
     if scores["tstr_iou_real"] > 0:
         assert scores["tstr_ratio"] == pytest.approx(
             scores["tstr_iou_synthetic"] / scores["tstr_iou_real"])
+
+
+def test_tstr_cache_reuses_the_real_reference_only_for_the_same_slices_and_recipe(tmp_path):
+    volume = generate_volume("vnc", 4, (192, 192), seed=3)
+    _, cartoon = _blurred_and_cartoon(volume)
+    synthetic = Volume(cartoon, {k: v.copy() for k, v in volume.labels.items()})
+    recipe = load_config(SegmentConfig, None, [*SEGMENT_TINY, "engine.num_threads=1"])
+    cache = tmp_path / "cache"
+    first = tstr(volume, synthetic, 3, recipe, cache_dir=cache)
+    (reference,) = cache.iterdir()
+    stamp = (reference / "model" / "model.safetensors").stat().st_mtime_ns
+    again = tstr(volume, synthetic, 3, recipe, cache_dir=cache)
+    assert (reference / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    assert again["tstr_iou_real"] == first["tstr_iou_real"]
+    # other real images or another step count: a new reference beside the first
+    other = generate_volume("vnc", 4, (192, 192), seed=4)
+    key = tstr_real_key(volume, [0, 1], recipe)
+    assert tstr_real_key(other, [0, 1], recipe) != key
+    assert tstr_real_key(volume, [0], recipe) != key
+    longer = recipe.model_copy(deep=True)
+    longer.engine.steps = 4
+    assert tstr_real_key(volume, [0, 1], longer) != key
 
 
 def test_evaluate_generator_end_to_end(tmp_path):

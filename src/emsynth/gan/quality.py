@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -51,7 +52,7 @@ from emsynth.gan.export import load_generator
 from emsynth.gan.inference import synthesize_volume
 from emsynth.segment.infer import predict_with
 from emsynth.segment.metrics import counts
-from emsynth.segment.model import Segmenter, to_float
+from emsynth.segment.model import MODEL_DIR, SIDECAR, Segmenter, to_float
 from emsynth.segment.sampling import segment_data
 
 #: PSNR of identical images is infinite; this cap keeps means and JSON finite.
@@ -304,6 +305,7 @@ def evaluate_generator(
     tstr_steps: int = 0,
     tstr_config: Any = None,
     tstr_dir: str | Path | None = None,
+    tstr_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Synthesise an image for every mask slice of `volume` and score it against the real one.
 
@@ -312,7 +314,8 @@ def evaluate_generator(
     Crops for FID/KID are drawn at the same seeded positions from real and synthetic slices;
     the real-vs-real baseline uses the next `crops` positions of the same seeded stream.
     tstr_steps > 0 adds TSTR (see `tstr`; tstr_config: its SegmentConfig recipe, tstr_dir:
-    where its two segmenters are kept, a temporary folder when None).
+    where its two segmenters are kept, a temporary folder when None; tstr_cache: where the
+    real-trained reference is kept and reused across generators, see `tstr`).
     """
     device = torch.device(device)
     if MITO not in volume.labels:
@@ -359,7 +362,7 @@ def evaluate_generator(
         tstr_scores = {}
         if tstr_steps:
             tstr_scores = tstr(volume, synthetic, tstr_steps, tstr_config, device, precision,
-                               seed, tstr_dir)
+                               seed, tstr_dir, tstr_cache)
         bar.update(job, advance=1)
     return {
         "fcn_iou_synthetic": fcn_synthetic,
@@ -399,9 +402,22 @@ def tstr_split(n_slices: int) -> tuple[list[int], list[int]]:
     return list(range(half)), list(range(half, n_slices))
 
 
+def tstr_real_key(volume: Volume, train_idx: list[int], cfg: Any) -> str:
+    """Content key of TSTR's real-trained reference: the training slices' images and masks and
+    the full recipe (steps and seed included). Generators scored on the same slices share it."""
+    digest = hashlib.sha256(cfg.model_dump_json().encode())
+    train = volume.select(train_idx)
+    digest.update(np.ascontiguousarray(train.image).tobytes())
+    for name in sorted(train.labels):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(train.labels[name]).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def tstr(volume: Volume, synthetic: Volume, steps: int, recipe: Any = None,
          device: str | torch.device = "cpu", precision: str = "auto", seed: int = 0,
-         work_dir: str | Path | None = None) -> dict[str, Any]:
+         work_dir: str | Path | None = None,
+         cache_dir: str | Path | None = None) -> dict[str, Any]:
     """Train on synthetic, test on real: one segmenter trained only on `synthetic` images of
     the training slices (see `tstr_split`), one trained by the same recipe for the same steps
     on the real images of those slices; both scored (foreground IoU at threshold 0.5, no
@@ -409,7 +425,9 @@ def tstr(volume: Volume, synthetic: Volume, steps: int, recipe: Any = None,
 
     recipe: a SegmentConfig (None = its defaults); its steps, seed, validation and
     checkpointing are set here. Returns tstr_iou_synthetic, tstr_iou_real, tstr_ratio and the
-    slices used.
+    slices used. cache_dir: the real-trained reference depends on the real slices and the recipe
+    only, so it is kept there under its content key (`tstr_real_key`) and reused when an
+    ablation scores several generators on the same slices.
     """
     from emsynth.segment.config import SegmentConfig
     from emsynth.segment.train import train_segmenter
@@ -423,15 +441,21 @@ def tstr(volume: Volume, synthetic: Volume, steps: int, recipe: Any = None,
     cfg.engine.image_every = 0
     cfg.engine.max_time = None
     cfg.data.val_block, cfg.data.val_slices, cfg.data.train_slices = 0, None, None
+    cfg.data.val_gap = 0  # no validation block: all training slices train
     cfg.threshold.choose = False
     train_idx, test_idx = tstr_split(len(volume))
     test = volume.select(test_idx)
     scores = {}
     with tempfile.TemporaryDirectory(prefix="emsynth-tstr-") as tmp:
         root = Path(work_dir) if work_dir is not None else Path(tmp)
+        folders = {"synthetic": root / "synthetic", "real": root / "real"}
+        if cache_dir is not None:
+            folders["real"] = Path(cache_dir) / f"tstr-real-{tstr_real_key(volume, train_idx, cfg)}"
         for name, source in (("synthetic", synthetic), ("real", volume)):
-            train_segmenter(cfg, source.select(train_idx), root / name, resume=False)
-            model = load_segmenter(root / name, device)
+            if not (name == "real" and cache_dir is not None
+                    and (folders[name] / MODEL_DIR / SIDECAR).is_file()):
+                train_segmenter(cfg, source.select(train_idx), folders[name], resume=False)
+            model = load_segmenter(folders[name], device)
             model.threshold = 0.5
             scores[name] = fcn_iou(model, test, torch.device(device), precision)
     return {

@@ -1,0 +1,208 @@
+"""The GAN texture ablation of issue 12, resumable: train each variant, score it, tabulate.
+
+    python experiments/gan_texture.py --dataset vnc --variants today,han
+    python experiments/gan_texture.py --dataset ca1 --variants today,han --tstr-steps 500
+    python experiments/gan_texture.py --dataset vnc --variants all --jobs 2   # hours on 2 cores
+
+Every step is an emsynth command (printed before it runs), so each number can be reproduced
+by hand. Rerunning the same command skips what is done: a GAN whose run.json says "finished"
+is not retrained (an unfinished one resumes from its checkpoint), a variant with a score JSON is
+not rescored, and TSTR's real-trained reference is trained once per dataset (`--tstr-cache`).
+`--jobs N` runs N GANs (or evaluations) at once with one thread each.
+
+Data and the choice: the generators are scored on held-out slices that act as validation
+slices, a gap of 5 slices from anything they trained on (data.val_gap). VNC: the GANs train on
+slices 0-10 and are scored on 16-19; the reference segmenter trains on 0-8 and picks its
+threshold on 14-15. CA1: only the study's training and validation blocks (slices 0-129 of
+Lucchi++; the study's test block 135-164 is never read): the membranes are predicted for 0-129
+by the VNC membrane model, the GANs train on 0-104 and are scored on 115-129 (the study's
+validation block), the reference segmenter trains on 0-99 and picks its threshold on 105-109.
+The membrane model is the one the CA1 measurement used: VNC 0-15, threshold on 16-19 (VNC is
+another volume, so its own split does not touch CA1's blocks).
+Runs go to runs/gan12/<dataset>/<variant>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EMSYNTH = [sys.executable, "-m", "emsynth"]
+DATA = ROOT.parent / "shared" / "data"
+
+HAN = ["model.decoder_noise=0.1", "loss.l1_weight=10", "loss.class_l1_weights={membrane: 2, mito: 4}",
+       "model.n_scales=2", "model.d_downsample=false", "loss.scale_weights=[0.5,0.5]",
+       "optim.g_steps_per_d=2"]
+
+#: name -> config overrides on top of configs/gan/cpu.yaml. "today" is the preset as it was.
+VARIANTS: dict[str, list[str]] = {
+    "today": [],
+    "noise": ["model.decoder_noise=0.1"],
+    "l1_10": ["loss.l1_weight=10"],
+    "classl1": ["loss.class_l1_weights={membrane: 2, mito: 4}"],
+    "g2": ["optim.g_steps_per_d=2"],
+    "d2full": ["model.n_scales=2", "model.d_downsample=false", "loss.scale_weights=[0.5,0.5]"],
+    "sn": ["model.spectral_norm=true"],
+    "diffaug": ["diffaugment.policy=[translation,colour,cutout]"],
+    "consist": ["loss.consistency_weight=1", "loss.consistency_segmenter={ref}"],
+    "han": HAN,
+    "spade": ["model.arch=spade", "model.decoder_noise=0.1"],
+}
+
+
+def datasets(runs: Path) -> dict[str, dict]:
+    ca1 = runs / "membranes" / "ca1_0-129"
+    return {
+        "vnc": {
+            "data": [str(DATA / "drosophila_vnc")],
+            "gan": ["-s", "data.val_block=4", "-s", "data.val_gap=5"],  # trains 0-10
+            "score": ["--slices", "16-19"],
+            "ref": ["-d", str(DATA / "drosophila_vnc"), "--train-slices", "0-8",
+                    "--val-slices", "14-15"],
+            "prepare": [],
+        },
+        "ca1": {
+            "data": [str(ca1), "--layout", "slices"],
+            # trains 0-104, never 105-109, holds out 110-129
+            "gan": ["-s", "data.val_block=20", "-s", "data.val_gap=5"],
+            "score": ["--slices", "115-129"],
+            "ref": ["-d", str(ca1), "--layout", "slices", "--train-slices", "0-99",
+                    "--val-slices", "105-109"],
+            "prepare": [
+                (runs / "membranes" / "vnc" / "model",
+                 ["membranes", "train", "-c", "configs/membranes/cpu.yaml", "-s",
+                  "data.train_slices=0-15", "-s", "data.val_gap=0",
+                  "-o", str(runs / "membranes" / "vnc")]),
+                (ca1 / "prediction.json",
+                 ["membranes", "predict", "-m", str(runs / "membranes" / "vnc"),
+                  "-d", str(DATA / "lucchi_pp" / "train"), "--slices", "0-129", "-o", str(ca1)]),
+            ],
+        },
+    }
+
+
+def show(cmd: list[str]) -> str:
+    return "emsynth " + shlex.join(cmd)
+
+
+def run_all(commands: list[tuple[list[str], Path]], jobs: int) -> None:
+    """Run (emsynth args, log file) commands, `jobs` at a time; fail loudly on any error."""
+    pending, running = list(commands), []
+    while pending or running:
+        while pending and len(running) < jobs:
+            cmd, log = pending.pop(0)
+            print(f"$ {show(cmd)}  > {log}", flush=True)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            running.append((subprocess.Popen([*EMSYNTH, *cmd], cwd=ROOT, stdout=log.open("w"),
+                                             stderr=subprocess.STDOUT), cmd, log))
+        time.sleep(5)
+        for item in list(running):
+            proc, cmd, log = item
+            if proc.poll() is not None:
+                running.remove(item)
+                if proc.returncode != 0:
+                    sys.exit(f"failed ({proc.returncode}): {show(cmd)}; see {log}")
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    info = run_dir / "run.json"
+    if not info.is_file():
+        return False
+    record = json.loads(info.read_text())
+    return record.get("end_step", 0) >= steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=["vnc", "ca1"], required=True)
+    parser.add_argument("--variants", default="today,han",
+                        help=f"comma-separated, or 'all': {', '.join(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=3000, help="GAN steps of every variant")
+    parser.add_argument("--max-time", default="70m", help="each GAN's safety net")
+    parser.add_argument("--tstr-steps", type=int, default=300)
+    parser.add_argument("--jobs", type=int, default=2, help="GANs at once, one thread each")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="also draw held-out slices, zoomed, of every variant")
+    args = parser.parse_args()
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    ds = datasets(args.runs)[args.dataset]
+    out = args.runs / "gan12" / args.dataset
+    ref = args.runs / "segment" / f"{args.dataset}_ref"
+
+    for marker, cmd in ds["prepare"]:
+        if not marker.exists():
+            run_all([(cmd, out / f"prepare_{cmd[0]}_{cmd[1]}.log")], 1)
+    if not (ref / "model").is_dir():
+        run_all([(["segment", "train", "-c", "configs/segment/cpu.yaml", *ds["ref"], "-o",
+                   str(ref), "--max-time", "8m"], out / "ref.log")], 1)
+
+    train = []
+    for name in names:
+        run_dir = out / f"{name}"
+        if finished(run_dir, args.steps):
+            continue
+        overrides = [o.format(ref=ref) for o in VARIANTS[name]]
+        cmd = ["gan", "train", "-c", "configs/gan/cpu.yaml", "-d", *ds["data"], *ds["gan"],
+               "-s", "engine.num_threads=1", "--steps", str(args.steps),
+               "--max-time", args.max_time, "-o", str(run_dir)]
+        for o in overrides:
+            cmd += ["-s", o]
+        train.append((cmd, out / f"{name}.log"))
+    run_all(train, args.jobs)
+    unfinished = [n for n in names if not finished(out / f"{n}", args.steps)]
+    if unfinished:
+        sys.exit(f"not at {args.steps} steps yet (safety net hit?): {unfinished}; rerun to resume")
+
+    score = []
+    for name in names:
+        result = out / f"{name}_tstr{args.tstr_steps}.json"
+        if result.is_file():
+            continue
+        score.append((["gan", "evaluate", "-g", str(out / f"{name}"), "-d",
+                       *ds["data"], *ds["score"], "-s", str(ref), "--tstr-steps",
+                       str(args.tstr_steps), "--tstr-config", "configs/segment/cpu.yaml",
+                       "--tstr-cache", str(out / "tstr_cache"), "--json",
+                       str(result)], result.with_suffix(".log")))
+    run_all(score, args.jobs)
+
+    print(table(out, args.dataset, names, args.tstr_steps))
+    if args.figure is not None:
+        gens = []
+        for name in names:
+            gens += ["-g", str(out / f"{name}")]
+        run_all([(["gan", "figure", *gens, "-d", *ds["data"], "--slices",
+                   ds["score"][1].split("-")[-1], "--crop", "256", "--out", str(args.figure)],
+                  out / "figure.log")], 1)
+
+
+def table(out: Path, dataset: str, names: list[str], tstr_steps: int) -> str:
+    """Markdown table of the variants' scores, with the CPU kind and precision they trained in."""
+    header = ("| variant | TSTR ratio (synthetic / real IoU) | spectrum distance | local-std W1 "
+              "cytoplasm / mito | FID − baseline | KID | grey W1 | FCN ratio | steps | CPU, "
+              "precision |")
+    rows = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        s = json.loads((out / f"{name}_tstr{tstr_steps}.json").read_text())
+        run = json.loads((out / name / "run.json").read_text())
+        kind = f"{run['resolved']['cpu_kind']}, {run['resolved']['precision']}"
+        rows.append(
+            f"| {name} | {s['tstr_ratio']:.3f} ({s['tstr_iou_synthetic']:.3f} / "
+            f"{s['tstr_iou_real']:.3f}) | {s['spectrum_distance']:.3f} | "
+            f"{s['local_std_w1_cytoplasm']:.1f} / {s['local_std_w1_mito']:.1f} | "
+            f"{s['fid_minus_baseline']:.2f} | {s['kid']:.2f} | {s['grey_level_w1']:.1f} | "
+            f"{s['fcn_ratio']:.2f} | {run['end_step']} | {kind} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
