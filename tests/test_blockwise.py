@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,18 +19,11 @@ zarr = pytest.importorskip("zarr", minversion="3")
 from typer.testing import CliRunner
 
 from emsynth.cli import app
+from emsynth.data.blocks import DONE_DIR, SLEEP_ENV, iter_blocks, shard_blocks, source_index
 from emsynth.data.omezarr import open_ome_zarr, write_volume
 from emsynth.data.phantom.generate import generate_volume
 from emsynth.errors import EmsynthError
-from emsynth.segment.blockwise import (
-    DONE_DIR,
-    SLEEP_ENV,
-    BlockwiseModel,
-    iter_blocks,
-    predict_array,
-    predict_to_ome_zarr,
-    shard_blocks,
-)
+from emsynth.segment.blockwise import BlockwiseModel, predict_array, predict_to_ome_zarr
 from emsynth.segment.config import InferConfig, ModelConfig
 from emsynth.segment.infer import probability_to_uint8
 from emsynth.segment.model import Segmenter, build_model
@@ -66,6 +60,15 @@ def test_blocks_tile_the_volume_and_shards_partition_them():
     assert (cover == 1).all()
     shards = [shard_blocks(blocks, i, 3) for i in range(3)]
     assert sorted(b.name for s in shards for b in s) == sorted(b.name for b in blocks)
+
+
+@pytest.mark.parametrize("pad", ["edge", "reflect"])
+def test_padding_from_global_positions_is_numpys_padding_of_the_whole_slice(pad):
+    for size in (1, 2, 5, 9):
+        whole = np.pad(np.arange(size), (0, 40), mode=pad)
+        for start in range(size):  # any region start inside the slice, any width past it
+            np.testing.assert_array_equal(source_index(start, size + 40, size, pad),
+                                          whole[start:])
 
 
 def test_two_shards_together_equal_one_run(tmp_path, net, image):
@@ -147,3 +150,43 @@ def test_refuses_a_bad_shard_and_a_mismatched_output(tmp_path, net, image):
     predict_to_ome_zarr(model, image, tmp_path / "o.zarr", block=(1, 64, 64), **kw)
     with pytest.raises(EmsynthError, match="differs in: block"):
         predict_to_ome_zarr(model, image, tmp_path / "o.zarr", block=(2, 64, 64), **kw)
+
+
+def test_outputs_get_a_multiscale_pyramid_once_complete(tmp_path, net, image):
+    model = BlockwiseModel(net, (64, 64), 0.25)
+    threshold = float(np.median(predict_array(model, image)))  # a plausible mask for `data info`
+    kw = {"threshold": threshold, "label": "mito", "block": (2, 64, 64),
+          "scale_nm": (8.0, 4.0, 5.0), "pyramid_min": 32}
+    out = tmp_path / "p.ome.zarr"
+    first = predict_to_ome_zarr(model, image, out, shard_id=0, num_shards=2, **kw)
+    assert first["levels"] == 4 and not first["complete"]
+    assert open_ome_zarr(out).levels == 1  # coarse levels are declared once written
+    assert predict_to_ome_zarr(model, image, out, shard_id=1, num_shards=2, **kw)["complete"]
+    root = zarr.open_group(store=str(out), mode="r")
+    for group, name in ((root, "prob"), (root["labels"]["mito"], "mito")):
+        ms = group.attrs["ome"]["multiscales"][0]
+        assert ms["name"] == name and [d["path"] for d in ms["datasets"]] == ["0", "1", "2", "3"]
+        for k, d in enumerate(ms["datasets"]):
+            f = 2.0**k
+            assert d["coordinateTransformations"][0] == {"type": "scale",
+                                                         "scale": [8.0, 4.0 * f, 5.0 * f]}
+            if k:  # a coarse pixel's centre is the middle of the 2^k fine pixels it covers
+                assert d["coordinateTransformations"][1] == {
+                    "type": "translation", "translation": [0.0, 2.0 * (f - 1), 2.5 * (f - 1)]}
+    assert "image-label" in root["labels"]["mito"].attrs["ome"]
+    shapes = [root[str(k)].shape for k in range(4)]
+    assert shapes == [(3, 150, 130), (3, 75, 65), (3, 38, 33), (3, 19, 17)]
+    prob = root["0"][...].astype(np.float64)
+    level1 = np.rint(prob.reshape(3, 75, 2, 65, 2).mean(axis=(2, 4)))
+    np.testing.assert_array_equal(root["1"][...], level1)
+    edge = np.pad(root["1"][...].astype(np.float64), ((0, 0), (0, 1), (0, 1)), mode="edge")
+    np.testing.assert_array_equal(root["2"][...],
+                                  np.rint(edge.reshape(3, 38, 2, 33, 2).mean(axis=(2, 4))))
+    mito = root["labels"]["mito"]
+    np.testing.assert_array_equal(mito["1"][...],
+                                  mito["0"][...].reshape(3, 75, 2, 65, 2).max(axis=(2, 4)))
+    info = CliRunner().invoke(app, ["data", "info", str(out), "--json"])
+    assert info.exit_code == 0, info.output
+    stats = json.loads(info.output)
+    assert "4 levels" in stats["source"] and stats["shape"] == [3, 150, 130]
+    assert stats["pixel_size_nm"] == [4.0, 5.0] and 0.3 < stats["label_fractions"]["mito"] < 0.7

@@ -151,3 +151,17 @@ def test_broken_ome_zarr_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     assert "cannot open the level-0 array" in result.stderr + result.stdout
     assert len((result.stderr + result.stdout).strip().splitlines()) == 1
+
+
+def test_downsampling_means_images_and_keeps_thin_labels():
+    from emsynth.data.omezarr import downsample_yx
+
+    image = np.array([[[0, 3, 10], [1, 0, 20], [5, 5, 7]]], np.uint8)
+    # 2 x 2 means rounded; the odd last row/column averaged with itself
+    np.testing.assert_array_equal(downsample_yx(image, "mean"), [[[1, 15], [5, 7]]])
+    probs = image.astype(np.float32) / 10
+    np.testing.assert_allclose(downsample_yx(probs, "mean"), [[[0.1, 1.5], [0.5, 0.7]]])
+    line = np.zeros((1, 4, 4), np.uint8)
+    line[0, :, 1] = 1  # a one-pixel membrane survives as a label, not as a mean
+    np.testing.assert_array_equal(downsample_yx(line, "max"), [[[1, 0], [1, 0]]])
+    assert downsample_yx(np.zeros((2, 5, 1), np.uint8), "max").shape == (2, 3, 1)

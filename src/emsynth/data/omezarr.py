@@ -3,12 +3,14 @@
 Reads NGFF 0.5 (zarr v3, metadata under the `ome` attribute) and NGFF 0.4 (zarr v2, metadata at
 the top of `.zattrs`); writes NGFF 0.5 by default (0.4 on request). Only level 0 of a multiscale
 pyramid is read; singleton `t` / `c` axes are dropped so that every image reads as (z, y, x).
+Blockwise outputs get a pyramid (`declare_levels`, `downsample_yx`): levels halved in y and x,
+each with its own scale and the half-pixel translation of its coarser pixel centres.
 
 Label names map to emsynth's: `mito`/`mitochondria`, `membrane`/`membranes`,
 `synapse`/`synapses`; any non-zero label value is foreground.
 
 Arrays stay lazy (`OmeZarrImage.array` is a zarr array, sliced on demand), which is what the
-blockwise prediction in `emsynth.segment.blockwise` reads; `read_ome_zarr` loads a whole `Volume`.
+blockwise runs (`emsynth.data.blocks`) read; `read_ome_zarr` loads a whole `Volume`.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class OmeZarrImage:
     version: str
     name: str = ""
     labels: dict[str, str] = field(default_factory=dict)  # emsynth name -> group name
+    levels: int = 1  # multiscale levels declared (level 0 is read)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -220,6 +223,7 @@ def open_ome_zarr(path: str | Path) -> OmeZarrImage:
         version=version,
         name=str(ms.get("name", "")),
         labels=labels,
+        levels=len(ms["datasets"]),
     )
 
 
@@ -259,8 +263,9 @@ def read_ome_zarr(
     names = (group_attrs(image.path) or {}).get("emsynth", {}).get("slice_names")
     if not (isinstance(names, list) and len(names) == image.shape[0]):
         names = [f"{i:04d}" for i in range(image.shape[0])]
-    return Volume(raw, labels, image.pixel_size_nm, f"{image.path} (ome-zarr {image.version})",
-                  [str(names[i]) for i in z])
+    levels = f", {image.levels} levels" if image.levels > 1 else ""
+    return Volume(raw, labels, image.pixel_size_nm,
+                  f"{image.path} (ome-zarr {image.version}{levels})", [str(names[i]) for i in z])
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -270,12 +275,26 @@ def _axes(unit: str = "nanometer") -> list[dict]:
     return [{"name": a, "type": "space", "unit": unit} for a in ("z", "y", "x")]
 
 
-def _multiscales(name: str, scale_nm: Sequence[float], version: str) -> list[dict]:
+def level_transforms(scale_nm: Sequence[float], level: int) -> list[dict]:
+    """coordinateTransformations of pyramid `level` (y, x halved `level` times): the scaled
+    pixel size and, from level 1 on, the shift of a coarse pixel's centre to the middle of
+    the fine pixels it averages."""
+    z, y, x = (float(s) for s in scale_nm)
+    f = 2.0 ** level
+    out: list[dict] = [{"type": "scale", "scale": [z, y * f, x * f]}]
+    if level:
+        out.append({"type": "translation",
+                    "translation": [0.0, y * (f - 1) / 2, x * (f - 1) / 2]})
+    return out
+
+
+def _multiscales(name: str, scale_nm: Sequence[float], version: str, levels: int = 1
+                 ) -> list[dict]:
     ms: dict[str, Any] = {
         "name": name,
         "axes": _axes(),
-        "datasets": [{"path": "0", "coordinateTransformations": [
-            {"type": "scale", "scale": [float(s) for s in scale_nm]}]}],
+        "datasets": [{"path": str(k), "coordinateTransformations": level_transforms(scale_nm, k)}
+                     for k in range(levels)],
     }
     if version == "0.4":
         ms = {"version": "0.4", **ms}
@@ -303,6 +322,56 @@ def _create_array(group, name: str, shape, chunks, dtype, version: str):
         kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
     return group.create_array(name, shape=tuple(shape), chunks=tuple(chunks),
                               dtype=np.dtype(dtype), **kwargs)
+
+
+def create_level(group_path: str | Path, level: int, shape, chunks, dtype):
+    """An empty array for pyramid `level` in an existing image or label group (not declared
+    in its multiscales until `declare_levels`)."""
+    zarr = require_zarr()
+    group = zarr.open_group(store=str(group_path), mode="r+")
+    version = "0.4" if group.metadata.zarr_format == 2 else NGFF_VERSION
+    return _create_array(group, str(level), shape, chunks, dtype, version)
+
+
+def declare_levels(group_path: str | Path, levels: int) -> None:
+    """List pyramid levels 0 .. levels - 1 in the multiscales of an image or label group,
+    with the scale of level 0 kept (its other metadata, e.g. image-label, untouched)."""
+    zarr = require_zarr()
+    group = zarr.open_group(store=str(group_path), mode="r+")
+    attrs = dict(group.attrs)
+    ome = dict(_ome(attrs))
+    ms = [dict(m) for m in ome["multiscales"]]
+    first = ms[0]["datasets"][0].get("coordinateTransformations") or []
+    scale = next((t["scale"] for t in first if t.get("type") == "scale"), [1.0, 1.0, 1.0])
+    ms[0]["datasets"] = [{"path": str(k), "coordinateTransformations":
+                          level_transforms(scale[-3:], k)} for k in range(levels)]
+    ome["multiscales"] = ms
+    group.attrs.update({"ome": ome} if "ome" in attrs else ome)
+
+
+def set_emsynth(group_path: str | Path, **values: Any) -> None:
+    """Merge `values` into a group's "emsynth" attributes."""
+    zarr = require_zarr()
+    group = zarr.open_group(store=str(group_path), mode="r+")
+    meta = dict(group.attrs.get("emsynth", {}))
+    group.attrs.update({"emsynth": {**meta, **values}})
+
+
+def downsample_yx(array: np.ndarray, kind: str) -> np.ndarray:
+    """(z, y, x) -> (z, ceil(y/2), ceil(x/2)): 2 x 2 means (images, probabilities; rounded for
+    integers) or maxima (labels: a thin membrane stays visible at coarse levels). An odd last
+    row or column is averaged with itself."""
+    z, h, w = array.shape
+    padded = np.pad(array, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge")
+    quads = padded.reshape(z, (h + 1) // 2, 2, (w + 1) // 2, 2)
+    if kind == "max":
+        return quads.max(axis=(2, 4))
+    if kind != "mean":
+        raise ValueError(f"unknown downsampling {kind!r}")
+    mean = quads.mean(axis=(2, 4), dtype=np.float64)
+    if np.issubdtype(array.dtype, np.integer):
+        mean = np.rint(mean)
+    return mean.astype(array.dtype)
 
 
 def create_image(

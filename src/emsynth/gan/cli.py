@@ -11,8 +11,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from emsynth.data.blocks import BackendOpt, BlockOpt, NumShardsOpt, SchedulerOpt, ShardIdOpt
 from emsynth.engine.cli import TrainOptions, stop_line, train_options
-from emsynth.errors import EmsynthError
+from emsynth.errors import EmsynthError, input_error
 from emsynth.options import DeviceOpt, LayoutOpt, PrecisionOpt
 
 app = typer.Typer(
@@ -63,10 +64,11 @@ def synthesize_cmd(
     model: Annotated[Path, typer.Option("--model", "-m", help="GAN run folder or its "
                                         "generator.safetensors.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", file_okay=False,
-                                          help="Output slice folder (images/, masks/, ...).")],
+                                          help="Output slice folder (images/, masks/, ...), or "
+                                          "NAME.ome.zarr for a blockwise run.")],
     masks: Annotated[
         Path | None, typer.Option("--masks", help="Dataset holding the conditioning masks "
-                                  "(any reader layout).")
+                                  "(any reader layout; an OME-Zarr is read blockwise).")
     ] = None,
     layout: LayoutOpt = "auto",
     slices: Annotated[
@@ -89,28 +91,75 @@ def synthesize_cmd(
     ] = True,
     seed: Annotated[int, typer.Option("--seed", min=0,
                                       help="Seed of the dropout and decoder noise.")] = 0,
+    tile: Annotated[
+        int | None, typer.Option("--tile", min=1, help="Tile side in px, a multiple of 256 "
+                                 "(default: the generator's training crop).")
+    ] = None,
+    whole_slice: Annotated[
+        bool, typer.Option("--whole-slice", help="One generator pass per whole slice instead of "
+                           "tiles (InstanceNorm then normalises over the slice).")
+    ] = False,
+    overlap: Annotated[
+        float, typer.Option("--overlap", min=0.0, max=0.95, help="Tile overlap (fraction of a "
+                            "side), blended with Gaussian weights.")
+    ] = 0.25,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    block: BlockOpt = None,
+    shard_id: ShardIdOpt = 0,
+    num_shards: NumShardsOpt = 1,
+    backend: BackendOpt = "local",
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Synthesise one EM image per mask slice and write them with the masks as a slice folder.
 
-    Whole slices of any size, one generator pass each (no tiles, no seams). The masks come
-    from a dataset (--masks) or are new, from the phantom tissue model (--phantom), optionally
-    fitted to a real mask set (--fit-to). The output is ready for segmentation training.
+    Tiles of the training crop, overlapping and blended (InstanceNorm sees a crop, as in
+    training); --whole-slice runs one generator pass per whole slice instead. Each tile's noise
+    is seeded from its position, so any split of the volume gives the same image. The masks
+    come from a dataset (--masks) or are new, from the phantom tissue model (--phantom),
+    optionally fitted to a real mask set (--fit-to). The output is ready for segmentation
+    training.
+
+    With OUT ending in .zarr (or --block) the synthesis runs blockwise with bounded memory
+    into an OME-Zarr (image: synthetic EM, labels/<channel>: the masks); an OME-Zarr --masks
+    (e.g. from `emsynth membranes predict -o NAME.ome.zarr`) is then read block by block.
+    Resumable, --shard-id/--num-shards and --backend dask as in `emsynth segment predict`.
     """
+    from emsynth.data.blocks import check_blockwise, parse_block
     from emsynth.data.readers import read_volume
     from emsynth.data.slices import parse_slices
     from emsynth.data.writers import write_slice_folder
     from emsynth.engine.device import resolve_device
     from emsynth.gan.export import load_generator
-    from emsynth.gan.inference import synthesize_volume
+    from emsynth.gan.inference import Tiling, synthesize_volume, training_crop
     from emsynth.synthesis.masks import phantom_masks
 
     if (masks is None) == (phantom is None):
         raise EmsynthError("give exactly one mask source. Fix: pass --masks DATASET or "
                            "--phantom vnc")
+    if whole_slice and tile is not None:
+        raise input_error("--whole-slice", "and --tile exclude each other", "pass one of them")
+    blockwise = (block is not None or out_dir.suffix == ".zarr" or num_shards > 1
+                 or backend != "local")
+    if blockwise:
+        check_blockwise(out_dir, shard_id, num_shards, backend, scheduler)
+        if whole_slice:
+            raise input_error("--whole-slice", "does not apply to blockwise synthesis (blocks "
+                              "are tiled)", "drop --whole-slice, or write a slice folder")
+        if slices is not None:
+            raise input_error("--slices", "does not apply to blockwise synthesis",
+                              "drop --slices (blocks cover the whole volume)")
     dev = resolve_device(device)
-    generator, conditioning, _ = load_generator(model, dev)
+    generator, conditioning, meta = load_generator(model, dev)
+    tiling = None if whole_slice else Tiling(tile or training_crop(model, meta), overlap)
+    if blockwise and masks is not None:
+        from emsynth.data.omezarr import is_ome_zarr
+
+        if is_ome_zarr(masks):
+            _synthesize_blockwise(model, masks, None, out_dir, generator, conditioning, tiling,
+                                  dropout, seed, device, precision, parse_block(block),
+                                  shard_id, num_shards, backend, scheduler)
+            return
     if masks is not None:
         volume = read_volume(masks, layout)
         if slices is not None:
@@ -118,11 +167,61 @@ def synthesize_cmd(
     else:
         like = read_volume(fit_to, layout) if fit_to is not None else None
         volume = phantom_masks(phantom, count, (size, size), mask_seed, like=like)
+    if blockwise:
+        _synthesize_blockwise(model, masks, volume, out_dir, generator, conditioning, tiling,
+                              dropout, seed, device, precision, parse_block(block), shard_id,
+                              num_shards, backend, scheduler)
+        return
     synthetic = synthesize_volume(generator, volume, conditioning, dropout=dropout, seed=seed,
-                                  device=dev, precision=precision, progress=True)
+                                  device=dev, precision=precision, progress=True, tiling=tiling)
     write_slice_folder(synthetic, out_dir)
-    out.print(f"wrote {len(synthetic)} synthetic slices to {out_dir} (conditioned on "
+    how = f"tiles of {tiling.tile} px" if tiling else "whole slices"
+    out.print(f"wrote {len(synthetic)} synthetic slices to {out_dir} ({how}, conditioned on "
               f"{', '.join(conditioning.channels)})", highlight=False)
+
+
+def _synthesize_blockwise(model, masks, volume, out_dir, generator, conditioning, tiling,
+                          dropout, seed, device, precision, block, shard_id, num_shards,
+                          backend, scheduler) -> None:
+    """Blockwise synthesis from an OME-Zarr's labels (volume None) or an in-memory Volume."""
+    from emsynth.data.blocks import Lazy, backend_client, mps_progress, summary
+    from emsynth.data.omezarr import open_ome_zarr, scale_of
+    from emsynth.gan.inference import (
+        check_conditioning,
+        load_generator_only,
+        mask_arrays,
+        synthesize_to_ome_zarr,
+    )
+
+    check_conditioning(generator, conditioning, model)
+    channels = conditioning.channels
+    if volume is None:
+        arrays = mask_arrays(masks, channels)
+        scale = open_ome_zarr(masks).scale_nm
+        source = f"{masks}"
+    else:
+        conditioning.check(volume, "mask volume")
+        arrays = {c: volume.labels[c] for c in channels}
+        scale = scale_of(volume)
+        source = volume.source or "phantom masks"
+    shape = tuple(arrays[channels[0]].shape)
+    job_generator, job_masks = generator, arrays
+    if backend == "dask":  # each worker loads the generator (and opens the masks) once
+        job_generator = Lazy(load_generator_only, (model, device))
+        if volume is None:
+            job_masks = Lazy(mask_arrays, (masks, channels))
+    signature = {"masks": str(Path(masks).resolve()) if masks else source,
+                 "model": str(Path(model).resolve())}
+    with backend_client(backend, scheduler) as client:
+        result = synthesize_to_ome_zarr(
+            job_generator, job_masks, out_dir, conditioning, tiling, shape=shape, block=block,
+            dropout=dropout, seed=seed, device=device, precision=precision, scale_nm=scale,
+            shard_id=shard_id, num_shards=num_shards, signature=signature, client=client,
+            progress_factory=mps_progress(f"synthesize {shard_id + 1}/{num_shards}"),
+        )
+    out.print(f"{source} -> {out_dir} (image: synthetic EM from tiles of {tiling.tile} px, "
+              f"labels/{', labels/'.join(channels)}); "
+              f"{summary(result, shard_id, num_shards, 'synthesized')}", highlight=False)
 
 
 @app.command("evaluate")
@@ -168,6 +267,11 @@ def evaluate_cmd(
         Path | None, typer.Option("--tstr-dir", file_okay=False, help="Keep TSTR's two "
                                   "segmenters here (default: a temporary folder).")
     ] = None,
+    tstr_cache: Annotated[
+        Path | None, typer.Option("--tstr-cache", file_okay=False, help="Keep TSTR's "
+                                  "real-trained reference here, keyed by the real slices and "
+                                  "the recipe, and reuse it for every generator scored on them.")
+    ] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -204,7 +308,7 @@ def evaluate_cmd(
                                 seed=seed, dropout=dropout, kid_subsets=kid_subsets,
                                 device=resolve_device(device), precision=precision,
                                 progress=True, tstr_steps=tstr_steps, tstr_config=recipe,
-                                tstr_dir=tstr_dir)
+                                tstr_dir=tstr_dir, tstr_cache=tstr_cache)
     table = Table(title=f"GAN quality on {scores['slices']} slices of {data}")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from emsynth.data.blocks import BackendOpt, BlockOpt, NumShardsOpt, SchedulerOpt, ShardIdOpt
 from emsynth.engine.cli import TrainOptions, stop_line, train_options
 from emsynth.membranes.config import MITO_FROM_HELP
 from emsynth.options import DeviceOpt, LayoutOpt, PrecisionOpt, ThreadsOpt
@@ -158,6 +159,11 @@ def predict_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     threads: ThreadsOpt = None,
+    block: BlockOpt = None,
+    shard_id: ShardIdOpt = 0,
+    num_shards: NumShardsOpt = 1,
+    backend: BackendOpt = "local",
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Predict membranes for every slice of a volume (sliding window, any slice size).
 
@@ -168,7 +174,18 @@ def predict_cmd(
 
     Volumes without mitochondria labels (ISBI 2012) need --mito-from zeros or a mitochondria
     model folder.
+
+    With OUT ending in .zarr (or --block) the prediction runs blockwise with bounded memory into
+    an OME-Zarr: membrane probabilities as its image, labels/membrane (the mask at the
+    threshold) and labels/mito (the mitochondria channel the model read), ready for `emsynth gan
+    synthesize --masks OUT`. Resumable, --shard-id/--num-shards and --backend dask as in
+    `emsynth segment predict`; thinning, scores and figures need whole slices (not blockwise).
     """
+    if block is not None or out_dir.suffix == ".zarr" or num_shards > 1 or backend != "local":
+        _predict_blockwise(model, data, out_dir, layout, slices, mito_from, threshold,
+                           thin_width, tta, figure, device, precision, threads, block, shard_id,
+                           num_shards, backend, scheduler)
+        return
     import torch
     from rich.progress import (
         BarColumn,
@@ -221,6 +238,68 @@ def predict_cmd(
                           f"EM + mitochondria ({mito_from})")
         out.print(f"figure: {figure}", highlight=False)
     out.print(f"wrote {written} (images/, masks/, membranes/, membrane_prob.tif)",
+              highlight=False)
+
+
+def _predict_blockwise(model, data, out_dir, layout, slices, mito_from, threshold, thin_width,
+                       tta, figure, device, precision, threads, block, shard_id, num_shards,
+                       backend, scheduler) -> None:
+    import torch
+
+    from emsynth.data.blocks import (
+        Lazy,
+        backend_client,
+        check_blockwise,
+        mps_progress,
+        open_input,
+        parse_block,
+        summary,
+    )
+    from emsynth.engine.device import resolve_device, resolve_precision, thread_count
+    from emsynth.errors import input_error
+    from emsynth.membranes.predict import (
+        MembraneModel,
+        load_membrane_blockwise,
+        normalization_luts,
+        open_membrane_inputs,
+        predict_membranes_to_ome_zarr,
+    )
+    from emsynth.segment.blockwise import blockwise_model
+
+    check_blockwise(out_dir, shard_id, num_shards, backend, scheduler)
+    whole_slice_only = [
+        (slices is not None, "--slices", "drop it (blocks cover the whole volume)"),
+        (thin_width > 0, "--thin-width", "thin a slice-folder prediction (needs whole slices)"),
+        (figure is not None, "--figure", "draw it from a slice-folder prediction"),
+    ]
+    for given, option, fix in whole_slice_only:
+        if given:
+            raise input_error(option, "does not apply to blockwise prediction", fix)
+    torch.set_num_threads(thread_count(threads))
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
+    membrane_model = MembraneModel.load(model, device=str(dev))
+    image, scale, described = open_input(data, layout)
+    luts = normalization_luts(membrane_model.normalizer, image)
+    inputs = open_membrane_inputs(data, layout, luts, mito_from, str(dev), precision, image=image)
+    bw_model = blockwise_model(membrane_model.segmenter, image.shape, dev, precision, tta)
+    thr = membrane_model.threshold if threshold is None else threshold
+    signature = {"input": str(Path(data).resolve()), "model": str(membrane_model.path.resolve()),
+                 "mito_from": mito_from, "threshold": thr, "tta": bw_model.tta,
+                 "window": list(bw_model.window), "overlap": bw_model.overlap}
+    job_model, job_inputs = bw_model, inputs
+    if backend == "dask":  # each worker loads the models and opens the input once
+        job_model = Lazy(load_membrane_blockwise, (model, image.shape, device, precision, tta))
+        job_inputs = Lazy(open_membrane_inputs, (data, layout, luts, mito_from, device,
+                                                 precision))
+    with backend_client(backend, scheduler) as client:
+        result = predict_membranes_to_ome_zarr(
+            job_model, job_inputs, out_dir, threshold=thr, block=parse_block(block),
+            shape=image.shape, scale_nm=scale, shard_id=shard_id, num_shards=num_shards,
+            signature=signature, client=client,
+            progress_factory=mps_progress(f"predict membranes {shard_id + 1}/{num_shards}"))
+    out.print(f"{described} -> {out_dir} (image: membrane probabilities, labels/membrane: mask "
+              f"at {thr:.3f}, labels/mito: {mito_from}); {summary(result, shard_id, num_shards)}",
               highlight=False)
 
 

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -59,20 +60,16 @@ class MembraneModel:
         return self.segmenter.threshold
 
 
-def mito_mask(
-    volume: Volume, source: str, device: str = "cpu", precision: str = "auto"
-) -> np.ndarray:
-    """The (z, y, x) bool mitochondria channel for `volume` from `source` (MITO_FROM_HELP)."""
-    if source == "labels":
-        if MITO not in volume.labels:
-            raise EmsynthError(
-                f"{volume.source or 'volume'}: has no mitochondria labels for the model's mito "
-                "channel. Fix: pass --mito-from zeros, or --mito-from MODEL_DIR (a mitochondria "
-                "model from `emsynth segment train`)"
-            )
-        return volume.labels[MITO]
-    if source == "zeros":
-        return np.zeros(volume.shape, dtype=bool)
+def _no_mito_labels(source: object) -> EmsynthError:
+    return EmsynthError(
+        f"{source or 'volume'}: has no mitochondria labels for the model's mito "
+        "channel. Fix: pass --mito-from zeros, or --mito-from MODEL_DIR (a mitochondria "
+        "model from `emsynth segment train`)"
+    )
+
+
+def load_mito_segmenter(source: str, device: str = "cpu") -> Segmenter:
+    """The mitochondria segmenter of `--mito-from MODEL_DIR`, checked to read the image."""
     folder = model_folder(source)
     if not folder.exists():
         raise input_error(
@@ -85,6 +82,20 @@ def mito_mask(
             folder, f"predicts {segmenter.target_name!r} from {segmenter.channel_names}, not "
             "mitochondria from the image", "pass a model from `emsynth segment train`",
         )
+    return segmenter
+
+
+def mito_mask(
+    volume: Volume, source: str, device: str = "cpu", precision: str = "auto"
+) -> np.ndarray:
+    """The (z, y, x) bool mitochondria channel for `volume` from `source` (MITO_FROM_HELP)."""
+    if source == "labels":
+        if MITO not in volume.labels:
+            raise _no_mito_labels(volume.source)
+        return volume.labels[MITO]
+    if source == "zeros":
+        return np.zeros(volume.shape, dtype=bool)
+    segmenter = load_mito_segmenter(source, device)
     prob = predict_with(segmenter, volume.image, device=device, precision=precision)
     return prob >= segmenter.threshold
 
@@ -247,3 +258,144 @@ def evaluate_volume(
         report["scores"] = membrane_scores(binary, volume.labels[MEMBRANE])
         report["scores@0.5"] = membrane_scores(prob >= 0.5, volume.labels[MEMBRANE])
     return report
+
+
+# --- blockwise: volumes of any size into an OME-Zarr ----------------------------------------------
+
+
+@dataclass(eq=False)
+class MembraneInputs:
+    """The membrane model's input (z, 2, y, x) uint8, read lazily region by region: channel 0
+    the EM image normalised per slice (lookup tables from whole-slice histograms, so a block
+    is normalised as its whole slice is), channel 1 the mitochondria channel x 255: labels
+    (non-zero), zeros (`mito` None), or a mitochondria model's mask predicted for just the
+    region read (with its own halo, so it too equals the whole-slice prediction)."""
+
+    image: Any  # (z, y, x) uint8, sliced lazily
+    luts: np.ndarray | None = None  # (z, 256) uint8 per-slice normalisation; None = as is
+    mito: Any | None = None  # (z, y, x) mitochondria labels
+    mito_model: Any | None = None  # a segment.blockwise.BlockwiseModel
+    mito_threshold: float = 0.5
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        z, y, x = self.image.shape
+        return (z, 2, y, x)
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def mito_region(self, zs: slice, ys: slice, xs: slice) -> np.ndarray:
+        """The bool mitochondria channel of a region (the last model region is reused)."""
+        z, height, width = self.image.shape
+        key = (*zs.indices(z)[:2], *ys.indices(height)[:2], *xs.indices(width)[:2])
+        if self.mito is not None:
+            return np.asarray(self.mito[zs, ys, xs]) != 0
+        if self.mito_model is None:
+            return np.zeros((key[1] - key[0], key[3] - key[2], key[5] - key[4]), bool)
+        cached = self.__dict__.get("_cache")
+        if cached is not None:
+            (z0, z1, y0, y1, x0, x1), mask = cached
+            if z0 <= key[0] and key[1] <= z1 and y0 <= key[2] and key[3] <= y1 \
+                    and x0 <= key[4] and key[5] <= x1:
+                return mask[key[0] - z0 : key[1] - z0, key[2] - y0 : key[3] - y0,
+                            key[4] - x0 : key[5] - x0]
+        z0, z1 = key[:2]
+        prob = self.mito_model.region(
+            lambda ry, rx: np.asarray(self.image[z0:z1, ry, rx])[:, None],
+            key[2:4], key[4:6], (height, width))
+        mask = prob >= self.mito_threshold
+        self.__dict__["_cache"] = (key, mask)
+        return mask
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        zs, _, ys, xs = key
+        raw = np.asarray(self.image[zs, ys, xs])
+        image = raw
+        if self.luts is not None:
+            z0 = zs.indices(self.image.shape[0])[0]
+            image = np.stack([self.luts[z0 + k][plane] for k, plane in enumerate(raw)])
+        mito = self.mito_region(zs, ys, xs).astype(np.uint8) * 255
+        return np.stack([image, mito], axis=1)
+
+    def label_block(self, name: str, block: Any) -> np.ndarray:
+        if name != MITO:
+            raise KeyError(name)
+        return self.mito_region(*block.slices)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_cache"}
+
+
+def normalization_luts(normalizer: Normalizer, image: Any) -> np.ndarray | None:
+    """Per-slice lookup tables (z, 256) of `normalizer` for a lazily read image (None: none)."""
+    from emsynth.membranes.normalize import slice_histograms
+
+    if normalizer.method == "none":
+        return None
+    return np.stack([normalizer.lut(h) for h in slice_histograms(image)])
+
+
+def lazy_mito_labels(data: str | Path, layout: str = "auto") -> Any:
+    """The mitochondria labels of a dataset: lazily from an OME-Zarr, else read whole."""
+    from emsynth.data.omezarr import open_ome_zarr
+    from emsynth.data.readers import read_volume, resolve_layout
+
+    if resolve_layout(Path(data), layout, None) == "ome-zarr":
+        image = open_ome_zarr(data)
+        if MITO not in image.labels:
+            raise _no_mito_labels(data)
+        return image.label(MITO).array
+    volume = read_volume(data, layout)
+    if MITO not in volume.labels:
+        raise _no_mito_labels(volume.source)
+    return volume.labels[MITO]
+
+
+def open_membrane_inputs(data: str | Path, layout: str, luts: np.ndarray | None,
+                         mito_from: str, device: str = "auto", precision: str = "auto",
+                         image: Any = None) -> MembraneInputs:
+    """The MembraneInputs of a dataset (what each dask worker opens): its image (given, or
+    opened lazily) and the mitochondria channel of `mito_from` (MITO_FROM_HELP)."""
+    from emsynth.data.blocks import input_array
+    from emsynth.engine.device import resolve_device
+    from emsynth.segment.blockwise import blockwise_model
+
+    if image is None:
+        image = input_array(data, layout)
+    if mito_from == "labels":
+        mito = lazy_mito_labels(data, layout)
+        if tuple(mito.shape) != tuple(image.shape):
+            raise input_error(data, f"mitochondria labels {tuple(mito.shape)} differ from the "
+                              f"image {tuple(image.shape)}", "write them at the image's size")
+        return MembraneInputs(image, luts, mito)
+    if mito_from == "zeros":
+        return MembraneInputs(image, luts)
+    dev = resolve_device(device)
+    segmenter = load_mito_segmenter(mito_from, str(dev))
+    return MembraneInputs(image, luts, None, blockwise_model(segmenter, image.shape, dev, precision),
+                          segmenter.threshold)
+
+
+def load_membrane_blockwise(path: str | Path, shape: Any, device: str = "auto",
+                            precision: str = "auto", tta: bool | None = None) -> Any:
+    """A membrane model as a segment BlockwiseModel (what each dask worker loads)."""
+    from emsynth.engine.device import resolve_device
+    from emsynth.segment.blockwise import blockwise_model
+
+    dev = resolve_device(device)
+    return blockwise_model(MembraneModel.load(path, str(dev)).segmenter, shape, dev, precision,
+                           tta)
+
+
+def predict_membranes_to_ome_zarr(model: Any, inputs: Any, out: str | Path, *, threshold: float,
+                                  block: Any, shape: Any = None, **kwargs: Any) -> dict:
+    """Membranes of `inputs` (MembraneInputs, or `Lazy`) blockwise into the OME-Zarr `out`:
+    image = membrane probabilities, labels/membrane = mask at `threshold`, labels/mito = the
+    mitochondria channel the model read. `model`: a segment BlockwiseModel of the membrane
+    model (or `Lazy`); kwargs as `emsynth.segment.blockwise.predict_to_ome_zarr`."""
+    from emsynth.segment.blockwise import predict_to_ome_zarr
+
+    return predict_to_ome_zarr(model, inputs, out, threshold=threshold, label=MEMBRANE,
+                               block=block, shape=shape, extra_labels=(MITO,),
+                               image_name="membrane_prob", **kwargs)

@@ -13,10 +13,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from emsynth.data.blocks import BackendOpt, BlockOpt, NumShardsOpt, SchedulerOpt, ShardIdOpt
 from emsynth.engine.cli import TrainOptions, stop_line, train_options
 from emsynth.errors import input_error
 from emsynth.io import atomic_write_text
-from emsynth.options import DeviceOpt, LayoutOpt, PrecisionOpt, parse_zyx
+from emsynth.options import DeviceOpt, LayoutOpt, PrecisionOpt
 
 app = typer.Typer(
     help="Binary segmentation (mitochondria by default): train a U-Net, predict, evaluate.",
@@ -97,97 +98,57 @@ def train_cmd(
     out.print(f"model: {opts.run_dir / MODEL_DIR}", highlight=False)
 
 
-BlockOpt = Annotated[
-    str | None,
-    typer.Option("--block", help="Blockwise prediction in blocks (= output chunks) of z,y,x "
-                 "voxels, e.g. 8,1024,1024 (default for a .zarr OUT: 8,1024,1024)."),
-]
-ShardIdOpt = Annotated[
-    int, typer.Option("--shard-id", min=0, help="This process's shard (0 .. num-shards - 1).")
-]
-NumShardsOpt = Annotated[
-    int, typer.Option("--num-shards", min=1, help="Processes splitting the blocks of one run.")
-]
-DEFAULT_BLOCK = (8, 1024, 1024)
-
-
-def mps_progress(label: str):
-    """A progress-bar factory for blockwise runs: voxels done, MP/s and ETA on stderr."""
-    import contextlib
-
-    from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class MPS(ProgressColumn):
-        def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{task.completed / 1e6:.1f}/{task.total / 1e6:.1f} MP "
-                        f"{(speed or 0) / 1e6:.2f} MP/s")
-
-    @contextlib.contextmanager
-    def factory(total: int):
-        progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MPS(), TextColumn("eta"),
-                            TimeRemainingColumn(), console=Console(stderr=True))
-        with progress:
-            bar = progress.add_task(label, total=total)
-            yield lambda n: progress.advance(bar, n)
-
-    return factory
-
-
-def parse_block(text: str | None):
-    return DEFAULT_BLOCK if text is None else parse_zyx(text, "--block", "8,1024,1024")
-
-
 def _predict_blockwise(input_path, model, out_dir, tta, layout, mask_dir, label, slices,
-                       float_prob, device, precision, block, shard_id, num_shards) -> None:
-    from emsynth.data.readers import open_lazy
-    from emsynth.engine.device import autocast_factory, resolve_device, resolve_precision
-    from emsynth.segment.blockwise import BlockwiseModel, predict_to_ome_zarr
-    from emsynth.segment.infer import window_size
+                       float_prob, device, precision, block, shard_id, num_shards, backend,
+                       scheduler) -> None:
+    from emsynth.data.blocks import (
+        Lazy,
+        backend_client,
+        check_blockwise,
+        input_array,
+        mps_progress,
+        open_input,
+        parse_block,
+        summary,
+    )
+    from emsynth.engine.device import resolve_device
+    from emsynth.segment.blockwise import (
+        blockwise_model,
+        load_blockwise_model,
+        predict_to_ome_zarr,
+    )
     from emsynth.segment.model import Segmenter
 
-    if shard_id >= num_shards:
-        raise input_error("--shard-id", f"{shard_id} is not below --num-shards {num_shards}",
-                          f"use 0 .. {num_shards - 1}")
+    check_blockwise(out_dir, shard_id, num_shards, backend, scheduler)
     if slices is not None:
         raise input_error("--slices", "does not apply to blockwise prediction",
                           "drop --slices (blocks cover the whole volume) or write TIFFs")
-    if out_dir.suffix != ".zarr":
-        raise input_error(out_dir, "blockwise prediction writes an OME-Zarr",
-                          "name --out NAME.ome.zarr")
     block_shape = parse_block(block)
     dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
     segmenter = Segmenter.load(model, device=dev)
     if segmenter.channel_names != ["image"]:
         raise input_error(model, f"model reads channels {segmenter.channel_names}; blockwise "
                           "prediction feeds the image only", "predict without --block into TIFFs")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*no ground truth.*")
-        source, scale, described = open_lazy(input_path, layout, mask_dir=mask_dir, label=label)
-    infer = segmenter.infer
-    use_tta = infer.tta if tta is None else tta
-    window = window_size(source.shape[-2], source.shape[-1], infer.window,
-                         segmenter.model.divisor)
-    bw_model = BlockwiseModel(segmenter.net, window, infer.overlap, infer.blend,
-                              infer.sw_batch_size, use_tta, dev, autocast_factory(dev, precision))
+    source, scale, described = open_input(input_path, layout, mask_dir=mask_dir, label=label)
+    bw_model = blockwise_model(segmenter, source.shape, dev, precision, tta)
+    target = segmenter.target_name or label
     signature = {"input": str(Path(input_path).resolve()), "model": str(Path(model).resolve()),
-                 "threshold": segmenter.threshold, "tta": use_tta, "target": segmenter.target_name,
-                 "window": list(window), "overlap": infer.overlap}
-    result = predict_to_ome_zarr(
-        bw_model, source, out_dir, threshold=segmenter.threshold,
-        label=segmenter.target_name or label, block=block_shape, scale_nm=scale,
-        float_prob=float_prob, shard_id=shard_id, num_shards=num_shards, signature=signature,
-        progress_factory=mps_progress(f"predict {shard_id + 1}/{num_shards}"),
-    )
-    mps = result["voxels"] / 1e6 / max(result["elapsed_s"], 1e-9) if result["predicted"] else 0
-    state = "complete" if result["complete"] else f"{result['done']}/{result['blocks']} blocks done"
+                 "threshold": segmenter.threshold, "tta": bw_model.tta, "target": target,
+                 "window": list(bw_model.window), "overlap": bw_model.overlap}
+    job_model, job_source = bw_model, source
+    if backend == "dask":  # each worker loads the model and opens the input once
+        job_model = Lazy(load_blockwise_model, (model, source.shape, device, precision, tta))
+        job_source = Lazy(input_array, (input_path, layout, mask_dir, label))
+    with backend_client(backend, scheduler) as client:
+        result = predict_to_ome_zarr(
+            job_model, job_source, out_dir, threshold=segmenter.threshold, label=target,
+            block=block_shape, scale_nm=scale, float_prob=float_prob, shard_id=shard_id,
+            num_shards=num_shards, signature=signature, shape=source.shape, client=client,
+            progress_factory=mps_progress(f"predict {shard_id + 1}/{num_shards}"),
+        )
     out.print(
-        f"{described} -> {out_dir} (image: probabilities, labels/{segmenter.target_name or label}:"
-        f" mask at {segmenter.threshold:.3f}); shard {shard_id}/{num_shards}: "
-        f"{result['predicted']} blocks predicted, {result['skipped']} already done, "
-        f"{mps:.2f} MP/s; {state}",
+        f"{described} -> {out_dir} (image: probabilities, labels/{target}: mask at "
+        f"{segmenter.threshold:.3f}); {summary(result, shard_id, num_shards)}",
         highlight=False,
     )
 
@@ -217,6 +178,8 @@ def predict_cmd(
     block: BlockOpt = None,
     shard_id: ShardIdOpt = 0,
     num_shards: NumShardsOpt = 1,
+    backend: BackendOpt = "local",
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Write probability and binary-mask TIFF stacks (OUT/prob.tif, OUT/mask.tif) for a volume.
 
@@ -225,11 +188,14 @@ def predict_cmd(
     With OUT ending in .zarr (or --block given) the prediction runs blockwise with bounded
     memory into an OME-Zarr: the probabilities as its image, the mask as labels/<target>. Each
     finished block leaves a done-marker, so rerunning the same command resumes a killed run;
-    --shard-id/--num-shards split the blocks across processes writing the same OUT.
+    --shard-id/--num-shards split the blocks across processes writing the same OUT;
+    --backend dask runs them on a dask cluster (one model per worker). The last block to
+    finish writes the multiscale pyramid (y, x halved per level).
     """
-    if block is not None or out_dir.suffix == ".zarr" or num_shards > 1:
+    if block is not None or out_dir.suffix == ".zarr" or num_shards > 1 or backend != "local":
         _predict_blockwise(input_path, model, out_dir, tta, layout, mask_dir, label, slices,
-                           float_prob, device, precision, block, shard_id, num_shards)
+                           float_prob, device, precision, block, shard_id, num_shards, backend,
+                           scheduler)
         return
     from rich.progress import (
         BarColumn,
