@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--tstr-steps", type=int, default=300)
     parser.add_argument("--jobs", type=int, default=2, help="GANs at once, one thread each")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
+    parser.add_argument("--synthesis", choices=["tiles", "whole"], default="tiles",
+                        help="score images made in training-crop tiles (emsynth gan "
+                        "synthesize's default) or whole slices (--whole-slice)")
     parser.add_argument("--figure", type=Path, default=None,
                         help="also draw held-out slices, zoomed, of every variant")
     args = parser.parse_args()
@@ -165,17 +168,18 @@ def main() -> None:
 
     score = []
     for name in names:
-        result = out / f"{name}_tstr{args.tstr_steps}.json"
+        result = out / f"{name}_tstr{args.tstr_steps}_{args.synthesis}.json"
         if result.is_file():
             continue
         score.append((["gan", "evaluate", "-g", str(out / f"{name}"), "-d",
                        *ds["data"], *ds["score"], "-s", str(ref), "--tstr-steps",
                        str(args.tstr_steps), "--tstr-config", "configs/segment/cpu.yaml",
                        "--tstr-cache", str(out / "tstr_cache"), "--json",
-                       str(result)], result.with_suffix(".log")))
+                       str(result), *(["--whole-slice"] if args.synthesis == "whole" else [])],
+                      result.with_suffix(".log")))
     run_all(score, args.jobs)
 
-    print(table(out, args.dataset, names, args.tstr_steps))
+    print(table(out, names, f"tstr{args.tstr_steps}_{args.synthesis}"))
     if args.figure is not None:
         gens = []
         for name in names:
@@ -185,14 +189,14 @@ def main() -> None:
                   out / "figure.log")], 1)
 
 
-def table(out: Path, dataset: str, names: list[str], tstr_steps: int) -> str:
+def table(out: Path, names: list[str], scored: str) -> str:
     """Markdown table of the variants' scores, with the CPU kind and precision they trained in."""
     header = ("| variant | TSTR ratio (synthetic / real IoU) | spectrum distance | local-std W1 "
               "cytoplasm / mito | FID − baseline | KID | grey W1 | FCN ratio | steps | CPU, "
               "precision |")
     rows = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        s = json.loads((out / f"{name}_tstr{tstr_steps}.json").read_text())
+        s = json.loads((out / f"{name}_{scored}.json").read_text())
         run = json.loads((out / name / "run.json").read_text())
         kind = f"{run['resolved']['cpu_kind']}, {run['resolved']['precision']}"
         rows.append(

@@ -255,6 +255,7 @@ def test_evaluate_generator_end_to_end(tmp_path):
     numbers = {k: v for k, v in scores.items() if isinstance(v, float)}
     assert all(math.isfinite(v) for v in numbers.values()), numbers
     assert scores["fcn_iou_real"] > 0.05  # measured 0.129 after 40 steps
+    assert scores["synthesis"] == "whole slices"
     assert scores["fcn_ratio"] == pytest.approx(
         scores["fcn_iou_synthetic"] / scores["fcn_iou_real"])
     assert scores["fid"] > 0 and 0 < scores["psnr_db"] < PSNR_CAP_DB and scores["ssim"] < 1
@@ -273,7 +274,7 @@ def test_evaluate_generator_end_to_end(tmp_path):
         str(tmp_path / "data"), "--slices", "4-5", "--segmenter", str(tmp_path / "seg" / "model"),
         "--crops", "6", "--crop-size", "64", "--kid-subsets", "5", "--device", "cpu",
         "--json", str(tmp_path / "q.json"), "--tstr-steps", "2", "--tstr-config",
-        str(recipe_yaml),
+        str(recipe_yaml), "--whole-slice",
     ])
     assert result.exit_code == 0, result.output
     assert "FCN-score" in result.output and "TSTR ratio" in result.output
@@ -283,6 +284,16 @@ def test_evaluate_generator_end_to_end(tmp_path):
                 "fid_baseline", "spectrum_distance", "local_std_w1_mito"):
         assert saved[key] == pytest.approx(scores[key], rel=1e-6), key
     assert saved["tstr_steps"] == 2 and saved["tstr_test_slices"] == [1]
+    assert saved["synthesis"] == "whole slices"
+    # Without --whole-slice the CLI scores images made as `gan synthesize` makes them: tiles.
+    tiled = CliRunner().invoke(app, [
+        "gan", "evaluate", "--generator", str(tmp_path / "gan"), "--data",
+        str(tmp_path / "data"), "--slices", "4-5", "--segmenter", str(tmp_path / "seg" / "model"),
+        "--crops", "6", "--crop-size", "64", "--kid-subsets", "5", "--device", "cpu",
+        "--json", str(tmp_path / "t.json")])
+    assert tiled.exit_code == 0, tiled.output
+    assert json.loads((tmp_path / "t.json").read_text())["synthesis"] == \
+        "tiles of 256 px, overlap 0.25"
     bad = CliRunner().invoke(app, ["gan", "evaluate", "--generator", str(tmp_path / "gan"),
                                    "--data", str(tmp_path / "data"),
                                    "--segmenter", str(tmp_path / "nothing")])

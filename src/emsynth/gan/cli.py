@@ -22,6 +22,18 @@ app = typer.Typer(
 )
 out = Console()
 
+TileOpt = Annotated[
+    int | None, typer.Option("--tile", min=1, help="Tile side in px, a multiple of 256 "
+                             "(default: the generator's training crop).")
+]
+WholeSliceOpt = Annotated[
+    bool, typer.Option("--whole-slice", help="One generator pass per whole slice instead of "
+                       "tiles (InstanceNorm then normalises over the slice).")
+]
+OverlapOpt = Annotated[
+    float, typer.Option("--overlap", min=0.0, max=0.95, help="Tile overlap (fraction of a "
+                        "side), blended with Gaussian weights.")
+]
 
 
 @app.command("train")
@@ -91,18 +103,9 @@ def synthesize_cmd(
     ] = True,
     seed: Annotated[int, typer.Option("--seed", min=0,
                                       help="Seed of the dropout and decoder noise.")] = 0,
-    tile: Annotated[
-        int | None, typer.Option("--tile", min=1, help="Tile side in px, a multiple of 256 "
-                                 "(default: the generator's training crop).")
-    ] = None,
-    whole_slice: Annotated[
-        bool, typer.Option("--whole-slice", help="One generator pass per whole slice instead of "
-                           "tiles (InstanceNorm then normalises over the slice).")
-    ] = False,
-    overlap: Annotated[
-        float, typer.Option("--overlap", min=0.0, max=0.95, help="Tile overlap (fraction of a "
-                            "side), blended with Gaussian weights.")
-    ] = 0.25,
+    tile: TileOpt = None,
+    whole_slice: WholeSliceOpt = False,
+    overlap: OverlapOpt = 0.25,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     block: BlockOpt = None,
@@ -131,14 +134,12 @@ def synthesize_cmd(
     from emsynth.data.writers import write_slice_folder
     from emsynth.engine.device import resolve_device
     from emsynth.gan.export import load_generator
-    from emsynth.gan.inference import Tiling, synthesize_volume, training_crop
+    from emsynth.gan.inference import choose_tiling, synthesize_volume
     from emsynth.synthesis.masks import phantom_masks
 
     if (masks is None) == (phantom is None):
         raise EmsynthError("give exactly one mask source. Fix: pass --masks DATASET or "
                            "--phantom vnc")
-    if whole_slice and tile is not None:
-        raise input_error("--whole-slice", "and --tile exclude each other", "pass one of them")
     blockwise = (block is not None or out_dir.suffix == ".zarr" or num_shards > 1
                  or backend != "local")
     if blockwise:
@@ -151,7 +152,7 @@ def synthesize_cmd(
                               "drop --slices (blocks cover the whole volume)")
     dev = resolve_device(device)
     generator, conditioning, meta = load_generator(model, dev)
-    tiling = None if whole_slice else Tiling(tile or training_crop(model, meta), overlap)
+    tiling = choose_tiling(model, meta, tile, whole_slice, overlap)
     if blockwise and masks is not None:
         from emsynth.data.omezarr import is_ome_zarr
 
@@ -272,6 +273,9 @@ def evaluate_cmd(
                                   "real-trained reference here, keyed by the real slices and "
                                   "the recipe, and reuse it for every generator scored on them.")
     ] = None,
+    tile: TileOpt = None,
+    whole_slice: WholeSliceOpt = False,
+    overlap: OverlapOpt = 0.25,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -282,7 +286,9 @@ def evaluate_cmd(
     encoder features (no Inception download; comparable only with the same segmenter) next to
     their real-vs-real baseline, texture statistics (power-spectrum distance, local-std W1 in
     cytoplasm and mitochondria), the grey-level Wasserstein-1 distance and, with --tstr-steps,
-    TSTR (train on synthetic, test on real, as a ratio to the real-trained recipe).
+    TSTR (train on synthetic, test on real, as a ratio to the real-trained recipe). The
+    synthetic slices are made as `emsynth gan synthesize` makes them: tiles of the training
+    crop, or one pass per slice with --whole-slice.
     """
     import json
 
@@ -291,10 +297,12 @@ def evaluate_cmd(
     from emsynth.data.readers import read_volume
     from emsynth.data.slices import parse_slices
     from emsynth.engine.device import resolve_device
+    from emsynth.gan.inference import choose_tiling
     from emsynth.gan.quality import PSNR_CAP_DB, evaluate_generator, load_segmenter
     from emsynth.io import atomic_write_text
 
     load_segmenter(segmenter)  # fail on a wrong path before reading data or synthesising
+    tiling = choose_tiling(generator, None, tile, whole_slice, overlap)
     recipe = None
     if tstr_steps and tstr_config is not None:
         from emsynth.config import load_config
@@ -308,7 +316,7 @@ def evaluate_cmd(
                                 seed=seed, dropout=dropout, kid_subsets=kid_subsets,
                                 device=resolve_device(device), precision=precision,
                                 progress=True, tstr_steps=tstr_steps, tstr_config=recipe,
-                                tstr_dir=tstr_dir, tstr_cache=tstr_cache)
+                                tstr_dir=tstr_dir, tstr_cache=tstr_cache, tiling=tiling)
     table = Table(title=f"GAN quality on {scores['slices']} slices of {data}")
     table.add_column("metric")
     table.add_column("value", justify="right")

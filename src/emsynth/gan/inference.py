@@ -130,6 +130,15 @@ def training_crop(model: str | Path, metadata: dict | None = None) -> int:
         return SIDE_MULTIPLE
 
 
+def choose_tiling(model: str | Path, metadata: dict | None, tile: int | None,
+                  whole_slice: bool, overlap: float = TILE_OVERLAP) -> Tiling | None:
+    """The CLI's choice: None (whole slices) with `whole_slice`, else tiles of `tile` px or of
+    the generator's training crop."""
+    if whole_slice and tile is not None:
+        raise input_error("--whole-slice", "and --tile exclude each other", "pass one of them")
+    return None if whole_slice else Tiling(tile or training_crop(model, metadata), overlap)
+
+
 def tile_seed(seed: int, z: int, row: int, col: int) -> int:
     """The seed of one tile, from its global position: the same tile gets the same noise in
     any block layout."""

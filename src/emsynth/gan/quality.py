@@ -49,7 +49,7 @@ from torch import nn
 from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.errors import input_error
 from emsynth.gan.export import load_generator
-from emsynth.gan.inference import synthesize_volume
+from emsynth.gan.inference import Tiling, synthesize_volume
 from emsynth.segment.infer import predict_with
 from emsynth.segment.metrics import counts
 from emsynth.segment.model import MODEL_DIR, SIDECAR, Segmenter, to_float
@@ -306,6 +306,7 @@ def evaluate_generator(
     tstr_config: Any = None,
     tstr_dir: str | Path | None = None,
     tstr_cache: str | Path | None = None,
+    tiling: Tiling | None = None,
 ) -> dict[str, Any]:
     """Synthesise an image for every mask slice of `volume` and score it against the real one.
 
@@ -315,7 +316,8 @@ def evaluate_generator(
     the real-vs-real baseline uses the next `crops` positions of the same seeded stream.
     tstr_steps > 0 adds TSTR (see `tstr`; tstr_config: its SegmentConfig recipe, tstr_dir:
     where its two segmenters are kept, a temporary folder when None; tstr_cache: where the
-    real-trained reference is kept and reused across generators, see `tstr`).
+    real-trained reference is kept and reused across generators, see `tstr`). tiling: how
+    the synthetic slices are made, as `emsynth gan synthesize` (None = whole slices).
     """
     device = torch.device(device)
     if MITO not in volume.labels:
@@ -327,7 +329,8 @@ def evaluate_generator(
     with Progress(*columns, disable=not progress, transient=True) as bar:
         job = bar.add_task("synthesising", total=6)
         synthetic = synthesize_volume(generator, volume, conditioning, dropout=dropout,
-                                      seed=seed, device=device, precision=precision)
+                                      seed=seed, device=device, precision=precision,
+                                      tiling=tiling)
         bar.update(job, advance=1, description="segmenting real")
         fcn_real = fcn_iou(segmenter, volume, device, precision)
         bar.update(job, advance=1, description="segmenting synthetic")
@@ -387,6 +390,8 @@ def evaluate_generator(
         "feature_dim": int(real_features.shape[1]),
         "seed": seed,
         "dropout": dropout,
+        "synthesis": f"tiles of {tiling.tile} px, overlap {tiling.overlap}" if tiling
+        else "whole slices",
         "generator": str(generator_path),
         "segmenter": str(segmenter_path),
         "data": volume.source,
