@@ -114,6 +114,57 @@ def test_manifest_is_valid_and_lists_three_widgets():
         assert result.exit_code == 0 and "valid!" in result.output, result.output
 
 
+def _result(qtbot, worker):
+    """Wait for a widget's worker and return the layer tuple it hands napari."""
+    with qtbot.waitSignal(worker.returned, timeout=60000) as signal:
+        pass
+    return signal.args[0]
+
+
+def test_widgets_without_a_viewer(qtbot, models, phantom):
+    """The three widgets on Qt offscreen alone (no OpenGL, no display): the layer each returns
+    equals the compute function's result; the threshold follows the model; a paint re-runs."""
+    import napari
+
+    from emsynth.napari.widgets import predict_membranes, segment_mitochondria, synthesize_em
+
+    image = napari.layers.Image(phantom.image, name="em")
+    seg = segment_mitochondria()
+    seg.model.value = models["mito"]
+    assert seg.threshold.value == pytest.approx(0.42)
+    data, meta, kind = _result(qtbot, seg(image=image))
+    _, (_, expected) = _run(compute.segment(phantom.image, models["mito"], 0.42))
+    assert kind == "labels" and meta["name"] == "em mito" and np.array_equal(data, expected)
+
+    mem = predict_membranes()
+    mem.model.value = models["membranes"]
+    assert mem.threshold.value == pytest.approx(0.37)
+    mito = napari.layers.Labels(expected, name="em mito")
+    data, meta, _ = _result(qtbot, mem(image=image, mito=mito))
+    _, want = _run(compute.membranes(phantom.image, expected, models["membranes"], 0.37))
+    assert meta["name"] == "em membranes" and np.array_equal(data, want)
+
+    painted = (phantom.labels["mito"][0] * 1 + phantom.labels["membrane"][0] * 2).astype(np.uint8)
+    layout = napari.layers.Labels(painted, name="layout")
+    syn = synthesize_em()
+    syn.generator.value = models["gan"]
+    syn.seed.value = 3
+    syn.masks.choices = [layout]  # a viewer would offer its labels layers
+    syn.masks.value = layout
+    data, meta, kind = _result(qtbot, syn())
+    _, want = _run(compute.synthesize(painted, models["gan"], seed=3))
+    assert kind == "image" and meta["name"] == "layout EM" and np.array_equal(data, want)
+    # live: setting new data on the painted layer runs the widget again by itself
+    runs = []
+    syn.called.connect(runs.append)
+    edited = painted.copy()
+    edited[:20, :20] = 1
+    layout.data = edited
+    qtbot.waitUntil(lambda: len(runs) == 1, timeout=60000)
+    again, _, _ = _result(qtbot, runs[0])
+    assert not np.array_equal(again, data)
+
+
 #: Prints the OpenGL version a Qt offscreen surface gets here ("none": no OpenGL).
 _GL_PROBE = """
 import sys
