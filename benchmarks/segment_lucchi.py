@@ -1,9 +1,13 @@
 """Mitochondria segmentation on Lucchi++ (EPFL CA1 training volume): train a preset, report.
 
-Trains on slices 0-144 and validates on the contiguous block 145-164 (neighbouring slices are
-near-duplicates, so the validation block is never interleaved with training slices). Prints:
+Splits the volume as `emsynth segment train` does (`emsynth.segment.train.resolve_split`, i.e.
+`emsynth.data.slices.split_blocks`): with the presets' data.val_block 20 and data.val_gap 5, it
+validates on the contiguous block 145-164 and trains on 0-139; the 5 slices between never train
+(neighbouring slices are near-duplicates, correlated at ~0.9, so a training slice next to the
+validation block would make the figures optimistic). `--set data.val_gap=0` gives the old split
+(0-144 / 145-164) for comparison with figures measured before the gap. Prints:
 validation foreground IoU (whole volume) and Dice at the chosen threshold and at 0.5, training
-images/s, inference megapixels/s over the 20 validation slices, peak RSS, and the engine's
+images/s, inference megapixels/s over the validation slices, peak RSS, and the engine's
 training images/s against a plain eager fp32 loop over the same model and batches.
 
     .venv/bin/python benchmarks/segment_lucchi.py --preset cpu            # the 20-minute run
@@ -46,13 +50,11 @@ from emsynth.segment.infer import predict_with
 from emsynth.segment.metrics import IOU_NAME, counts
 from emsynth.segment.model import Segmenter, build_model, to_float
 from emsynth.segment.sampling import SegmentData, segment_data
-from emsynth.segment.task import SegmentTask
-from emsynth.segment.train import MODEL_DIR, fit
+from emsynth.segment.task import SegmentLoss, SegmentTask
+from emsynth.segment.train import MODEL_DIR, fit, resolve_split
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "lucchi_pp" / "train"
-TRAIN_SLICES = list(range(145))
-VAL_SLICES = list(range(145, 165))
 CROP = 256
 
 REFERENCE_OVERRIDES = [
@@ -110,9 +112,7 @@ def engine_vs_plain(cfg: SegmentConfig, train_data: SegmentData, steps: int) -> 
     batches = [task.sample_batch(rng) for _ in range(steps)]
     opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
     optimizer = opt_cls(net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    from monai.losses import DiceCELoss
-
-    loss_fn = DiceCELoss(sigmoid=True, batch=cfg.loss.batch_dice)
+    loss_fn = SegmentLoss(cfg.loss)  # the task's own loss (DiceCE, + clDice if configured)
     channels = task.intensity_channels
     threads = torch.get_num_threads()
     torch.set_num_threads(thread_count(cfg.engine.num_threads))  # as many as the engine had
@@ -162,7 +162,8 @@ def main() -> None:
     parser.add_argument("--labels", choices=["masks", "masks_epfl"], default="masks",
                         help="Lucchi++ labels (masks) or the original EPFL ones (masks_epfl)")
     parser.add_argument("--train-slices", type=int, default=None, metavar="N",
-                        help="train on N slices evenly spaced over 0-144 (default: all 145)")
+                        help="train on N slices evenly spaced over the training slices (default: "
+                        "all of them: 0-139 with the presets' split)")
     parser.add_argument("--single-crop", action="store_true",
                         help=f"train on one {CROP}x{CROP} crop of one slice")
     parser.add_argument("--preset", choices=["cpu", "full", "reference"], default="cpu")
@@ -184,12 +185,17 @@ def main() -> None:
         sys.exit(f"{args.data}: Lucchi++ training folder not found. Fix: pass --data")
     mask_dir = None if args.labels == "masks" else args.labels
     volume = read_volume(args.data, "auto" if mask_dir is None else "generic", mask_dir=mask_dir)
-    train_idx = TRAIN_SLICES if args.train_slices is None else evenly_spaced(
-        TRAIN_SLICES, args.train_slices)
+    split = resolve_split(cfg, len(volume))  # segment train's split: data.val_block, val_gap
+    if not split.val:
+        sys.exit("the preset has no validation block (data.val_block=0). Fix: set "
+                 "data.val_block or data.val_slices")
+    train_idx = split.train if args.train_slices is None else evenly_spaced(
+        split.train, args.train_slices)
     train_data = segment_data(volume.select(train_idx), cfg.data.inputs, cfg.data.target)
     if args.single_crop:
         train_data = single_crop(train_data)
-    val_data = segment_data(volume.select(VAL_SLICES), cfg.data.inputs, cfg.data.target)
+    val_data = segment_data(volume.select(split.val), cfg.data.inputs, cfg.data.target)
+    val_range = f"{split.val[0]}-{split.val[-1]}"
     del volume
     out = args.out or Path(tempfile.mkdtemp(prefix="segment_lucchi_"))
     device = resolve_device(cfg.engine.device)
@@ -197,11 +203,12 @@ def main() -> None:
     print(f"preset {args.preset} on {device} [{cpu_kind()}] ({precision}, "
           f"{cfg.engine.num_threads or thread_count(None)} threads), labels {args.labels}, "
           f"{len(train_data)} training slice(s){' (single crop)' if args.single_crop else ''}, "
-          f"validation slices 145-164, run folder {out}", flush=True)
+          f"validation slices {val_range}, run folder {out}", flush=True)
 
     report: dict = {"preset": args.preset, "labels": args.labels, "device": str(device),
                     "cpu": cpu_kind(), "precision": precision,
                     "overrides": overrides, "train_slices": train_idx,
+                    "val_slices": split.val, "val_range": val_range,
                     "single_crop": args.single_crop,
                     "threads": cfg.engine.num_threads or thread_count(None)}
     if args.engine_steps:
@@ -240,7 +247,7 @@ def print_report(report: dict) -> None:
           f"{windows}{t['images_per_s_overall']:.1f} images/s overall incl. validation")
     for v in report["validation"]:
         label = "with 8-way TTA" if v["tta"] else "no TTA"
-        print(f"validation {IOU_NAME}, slices 145-164, {label}: "
+        print(f"validation {IOU_NAME}, slices {report['val_range']}, {label}: "
               f"{v['iou']:.4f} at threshold {v['threshold']:.3f}, {v['iou@0.5']:.4f} at 0.5; "
               f"Dice {v['dice']:.4f} / {v['dice@0.5']:.4f}; "
               f"inference {v['megapixels_per_s']:.2f} megapixels/s")

@@ -189,6 +189,13 @@ def test_scarce_preset_plans_its_cells(tmp_path):
     kinds = [p.cell.spec.kind for p in planned]
     seeds = len(cfg.seeds)
     assert kinds.count("membrane-model") == 1 and kinds.count("gan") == 2 * seeds
+    # 1slice (data_seed 0): one GAN shared by the seeds; crop256: one per seed, 500 steps.
+    models = [p.cell.spec for p in planned if p.cell.spec.kind == "gan-model"]
+    assert [m.labels["regime"] for m in models] == ["1slice"]
+    crop_gans = [p.cell.spec for p in planned if p.cell.spec.kind == "gan"
+                 and p.cell.spec.labels["regime"] == "crop256"]
+    assert {g.settings["gan"]["engine"]["steps"] for g in crop_gans} == {500}
+    assert len({tuple(g.inputs.values()) for g in crop_gans}) == seeds  # a crop per seed
     # crop: 3 conditions; 1 slice: 3 + 9 ablation variants (its add uses share 0.25, the main
     # recipe 0.5, so none duplicates it).
     assert kinds.count("segment") == kinds.count("eval") == (3 + 3 + 9) * seeds

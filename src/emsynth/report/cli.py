@@ -27,6 +27,10 @@ def _print_report(study_dir: Path, console: Console) -> None:
     if not console.is_terminal:  # a log file: keep the table's rows on one line each
         console = Console(width=200)
     console.print(headline(results))
+    from emsynth.report.answer import answer
+
+    for line in answer(results):
+        console.print(f"- {line}", highlight=False)
     if results.missing:
         console.print(f"[yellow]{results.missing} cells not done yet: the tables hold what "
                       "is finished[/]")
@@ -70,8 +74,8 @@ def run_cmd(
 ) -> None:
     """Run every cell of the study that is not finished yet, then write the report.
 
-    Cells (GAN + synthesis per regime and seed, a segmenter and a test evaluation per
-    condition) are cached under the study folder by the hash of their config and inputs:
+    Cells (GAN + synthesis per regime and seed, or one GAN per regime shared by its seeds with
+    share_gan; a segmenter and a test evaluation per condition) are cached under the study folder by the hash of their config and inputs:
     rerunning the same command skips finished cells, and after a crash or Ctrl-C continues
     the interrupted one from its last checkpoint.
     """
@@ -99,7 +103,8 @@ def report_cmd(
     """Write the study's report (HTML and Markdown) and print the headline table.
 
     report.html (self-contained, figures embedded) and report.md land in the study folder with
-    figures/*.png: test IoU and Dice per regime and condition as mean ± 95% CI over seeds, the
+    figures/*.png: a plain-language answer (where synthetic images help or hurt, with the recipe
+    chosen on validation, and whether the targets are met), test IoU and Dice per regime and condition as mean ± 95% CI over seeds, the
     paired differences (real+synthetic − real, synthetic − real), plots, image grids and the
     provenance of every cell. Works on a study still running (it reports what is finished).
     """

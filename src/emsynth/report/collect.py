@@ -59,8 +59,11 @@ class StudyResults:
     regimes: list[str]
     conditions: list[str]
     seeds: list[int]
-    #: scores[metric][(regime, condition)][seed]
+    #: scores[metric][(regime, condition)][seed]: test scores
     scores: dict[str, dict[tuple[str, str], dict[int, float]]] = field(default_factory=dict)
+    #: validation[(regime, condition)][seed]: the segmenter's validation IoU at its chosen
+    #: threshold (what recipes are chosen on; conditions keyed as in `scores`)
+    validation: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)
     pixels: dict[str, int] = field(default_factory=dict)
 
     def summary(self, metric: str, regime: str, condition: str) -> Summary:
@@ -136,13 +139,17 @@ def load_results(study_dir: str | Path) -> StudyResults:
         values = [v["pixels"] for v in regime["per_seed"].values()]
         results.pixels[regime["name"]] = round(sum(values) / len(values))
     for info in infos:
-        if info.kind != "eval" or info.result is None:
+        if info.kind not in ("eval", "segment") or info.result is None:
             continue
         condition = info.labels["condition"]
         if info.labels.get("variant"):  # an ablation variant: kept apart from the main grid
             condition = f"{condition} [{info.labels['variant']}]"
-        where = (info.labels["regime"], condition)
+        where, seed = (info.labels["regime"], condition), int(info.labels["seed"])
+        if info.kind == "segment":
+            iou = (info.result.get("validation") or {}).get("fg_iou")
+            if iou is not None:
+                results.validation.setdefault(where, {})[seed] = float(iou)
+            continue
         for metric in METRICS:
-            results.scores[metric].setdefault(where, {})[int(info.labels["seed"])] = float(
-                info.result[metric])
+            results.scores[metric].setdefault(where, {})[seed] = float(info.result[metric])
     return results

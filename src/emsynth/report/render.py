@@ -15,8 +15,9 @@ from rich.table import Table
 
 from emsynth.engine.progress import format_duration
 from emsynth.io import atomic_write_bytes, atomic_write_text
-from emsynth.report import plots
+from emsynth.report import answer, plots
 from emsynth.report.collect import METRIC_NAMES, Comparison, StudyResults
+from emsynth.report.stats import p_text
 from emsynth.study.layout import (
     CELLS_DIR,
     MIXED,
@@ -57,12 +58,6 @@ def _duration(seconds: float | None) -> str:
     return "" if seconds is None else format_duration(seconds)
 
 
-def _p_text(p: float | None) -> str:
-    if p is None:
-        return "n/a"
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
-
-
 def _diff_text(summary, digits: int = 3, comparison: Comparison | None = None) -> str:
     """Mean [95% CI] (n), * when the interval excludes 0; with a `comparison`, its paired
     t-test p and Holm-adjusted p."""
@@ -75,7 +70,7 @@ def _diff_text(summary, digits: int = 3, comparison: Comparison | None = None) -
     text = (f"{text} [{summary.low:+.{digits}f}, {summary.high:+.{digits}f}] "
             f"(n={summary.n}){marker}")
     if comparison is not None:
-        text += f"; p {_p_text(summary.p)}, Holm p {_p_text(comparison.p_holm)}"
+        text += f"; p {p_text(summary.p)}, Holm p {p_text(comparison.p_holm)}"
     return text
 
 
@@ -148,8 +143,8 @@ def ablation_table(results: StudyResults, metric: str = TESTED_METRIC) -> TableD
             difference = results.difference(metric, regime, condition, REAL)
             comparison = comparisons.get((regime, condition, REAL))
             rows.append([regime, label, results.summary(metric, regime, condition).text(),
-                         _diff_text(difference), _p_text(difference.p),
-                         _p_text(comparison.p_holm if comparison else None)])
+                         _diff_text(difference), p_text(difference.p),
+                         p_text(comparison.p_holm if comparison else None)])
     note = ("Unadjusted 95% CIs and p-values (two-sided paired t-test over seeds); Holm p: "
             "adjusted over every comparison of this report (main table and ablation), the one "
             "to read with this many. Choose the recipe on validation, not here. "
@@ -200,20 +195,45 @@ def steps_table(results: StudyResults) -> TableData | None:
                                                   "stopped by"], rows, note)
 
 
+def recipe_table(results: StudyResults) -> TableData | None:
+    """The real+synthetic recipe of each regime chosen on validation IoU (answer.choose), with
+    its test difference from real-only: what the answer's sentences are made of."""
+    rows = []
+    for regime in results.regimes:
+        choice = answer.choose(results, regime)
+        if choice is None:
+            continue
+        p_holm = choice.comparison.p_holm if choice.comparison else None
+        rows.append([regime, str(choice.candidates), choice.recipe, choice.validation.text(),
+                     _diff_text(choice.difference), p_text(p_holm),
+                     answer.verdict(choice.difference)])
+    if not rows:
+        return None
+    note = ("The recipe with the best mean validation IoU over seeds among the main recipe and "
+            "the ablation's variants at that regime; the test block scores the choice only. "
+            "Verdict by the paired 95% CI of the test difference; Holm p over every comparison "
+            "of this report.")
+    return TableData("Real+synthetic recipe chosen on validation",
+                     ["regime", "candidates", "chosen recipe", "validation IoU",
+                      f"test IoU − {REAL} (paired)", "Holm p", "verdict"], rows, note)
+
+
 def gan_table(results: StudyResults) -> TableData | None:
     rows = []
     for info in results.cells:
         if info.kind != "gan" or info.result is None:
             continue
         r, gan = info.result, info.result.get("gan", {})
-        rows.append([info.labels["regime"], str(info.labels["seed"]), str(gan.get("step", "")),
+        shared = "shared by the seeds" if r.get("gan_shared") else "this seed's own"
+        rows.append([info.labels["regime"], str(info.labels["seed"]), shared,
+                     str(gan.get("step", "")),
                      _duration(gan.get("elapsed_s")), r["mask_source"],
                      f"{r['synthetic_count']} × {r['synthetic_size'][0]}²",
                      f"{r['mito_fraction_real']:.3f} / {r['mito_fraction_synthetic']:.3f}",
                      f"{r['mean_intensity_real']:.0f} / {r['mean_intensity_synthetic']:.0f}"])
     if not rows:
         return None
-    header = ["regime", "seed", "GAN steps", "GAN train time", "masks", "synthetic images",
+    header = ["regime", "seed", "GAN", "GAN steps", "GAN train time", "masks", "synthetic images",
               "mito fraction real / synth", "mean grey real / synth"]
     return TableData("GAN and synthesis", header, rows)
 
@@ -403,6 +423,12 @@ def _intro(results: StudyResults) -> str:
         synthesis = (f" {cfg['synthesis']['count']} synthetic images per regime and seed "
                      f"({cfg['synthesis']['masks']} masks), from a GAN trained on that regime's "
                      "real data only.")
+    if synthesis:
+        shared = [r["name"] for r in results.index["regimes"] if r.get("gan_shared")]
+        synthesis += (" GANs: one per regime and seed" + (
+            f", except at {', '.join(shared)}, where every seed has the same real data and the "
+            "seeds share one GAN (each seed synthesises its own images from it)."
+            if shared else "."))
     if MIXED in results.conditions:
         synthesis += (f" Batches of the real+synthetic condition draw "
                       f"{cfg['mix']['synthetic_share']:.0%} synthetic crops.")
@@ -418,8 +444,8 @@ def write_report(results: StudyResults) -> tuple[Path, Path]:
     """Write figures/*.png, report.md and report.html into the study folder."""
     study_dir = results.study_dir
     tables = [score_table(results, "iou"), score_table(results, "dice"), per_seed_table(results)]
-    extra = [t for t in (ablation_table(results), steps_table(results), gan_table(results))
-             if t is not None]
+    extra = [t for t in (recipe_table(results), ablation_table(results), steps_table(results),
+                         gan_table(results)) if t is not None]
     figures = build_figures(results)
     for figure in figures:
         atomic_write_bytes(study_dir / figure.file, figure.png)
@@ -428,8 +454,10 @@ def write_report(results: StudyResults) -> tuple[Path, Path]:
         else yaml.safe_dump(results.index["config"], sort_keys=False)
     title = f"emsynth augmentation study: {results.index['name']}"
     intro = _intro(results)
+    said = answer.answer(results)
 
-    md = [f"# {title}", "", intro, "", "## Results", ""]
+    md = [f"# {title}", "", intro, "", "## Answer", "", *[f"- {line}" for line in said], "",
+          "## Results", ""]
     md += [_md_table(t) for t in tables + extra]
     md += ["## Figures", ""]
     md += [f"### {f.title}\n\n![{f.title}]({f.file})\n\n{f.caption}\n" for f in figures]
@@ -441,7 +469,9 @@ def write_report(results: StudyResults) -> tuple[Path, Path]:
     esc = html.escape
     parts = [(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}"
               f"</title><style>{CSS}</style></head><body><h1>{esc(title)}</h1>"
-              f"<p>{esc(intro)}</p><h2>Results</h2>")]
+              f"<p>{esc(intro)}</p><h2>Answer</h2><ul>"
+              + "".join(f"<li>{esc(line)}</li>" for line in said)
+              + "</ul><h2>Results</h2>")]
     parts += [_html_table(t) for t in tables + extra]
     parts.append("<h2>Figures</h2>")
     for f in figures:

@@ -111,3 +111,10 @@ def holm(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+def p_text(p: float | None) -> str:
+    """A p-value as the report prints it: 3 decimals, "< 0.001", or "n/a" (None)."""
+    if p is None:
+        return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"

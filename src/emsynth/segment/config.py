@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from emsynth.config import StrictModel
 from emsynth.data.slices import DEFAULT_GAP
@@ -141,12 +141,42 @@ class ModelConfig(StrictModel):
         return out
 
 
+#: LossConfig options added after runs were recorded: left out of its dumps while the clDice
+#: term is off (cldice_weight 0, the value that reproduces those runs).
+ADDED_LOSS_OPTIONS = ("cldice_weight", "cldice_iters")
+
+
 class LossConfig(StrictModel):
+    """DiceCE on the foreground logit, plus an optional soft clDice term.
+
+    The clDice options (ADDED_LOSS_OPTIONS) are left out of every dump while the term is off,
+    so recorded configs and content keys made before they existed (run resume checks, the
+    study's cell keys, TSTR's cached reference) stay the same."""
+
     dice_weight: float = Field(1.0, ge=0.0)
     ce_weight: float = Field(1.0, ge=0.0)
     batch_dice: bool = Field(
         True, description="Dice over the whole batch (stable when crops hold no foreground)."
     )
+    cldice_weight: float = Field(
+        0.0, ge=0.0,
+        description="Weight of a soft clDice term (Shit et al. 2021; MONAI SoftclDiceLoss on the "
+        "foreground probability) added to DiceCE: it rewards a predicted skeleton inside the "
+        "target and a target skeleton covered by the prediction, i.e. thin connected structures "
+        "such as membranes; 0 = off (DiceCE alone).",
+    )
+    cldice_iters: int = Field(
+        3, ge=1, description="Soft-skeleton iterations of clDice: at least the half-width (px) "
+        "of the thickest structure to thin.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_added_defaults(self, handler):
+        dumped = handler(self)
+        if self.cldice_weight == 0.0:
+            for key in ADDED_LOSS_OPTIONS:
+                dumped.pop(key, None)
+        return dumped
 
 
 class OptimConfig(StrictModel):

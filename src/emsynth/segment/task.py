@@ -16,13 +16,13 @@ from typing import Any
 import imageio.v3 as iio
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, SoftclDiceLoss
 
 from emsynth.engine.checkpoint import unwrap
 from emsynth.engine.task import StepContext, Task
 from emsynth.io import atomic_path
 from emsynth.segment import augment
-from emsynth.segment.config import SegmentConfig
+from emsynth.segment.config import LossConfig, SegmentConfig
 from emsynth.segment.infer import predict_probs
 from emsynth.segment.metrics import counts
 from emsynth.segment.model import Segmenter, build_model, to_float
@@ -96,6 +96,28 @@ class WarmupCosine:
         self._apply()
 
 
+class SegmentLoss(torch.nn.Module):
+    """DiceCE on logits, plus `cldice_weight` x soft clDice on their sigmoid when that weight
+    is > 0 (for thin structures whose connectivity matters: membranes). With the weight at 0
+    the loss is DiceCE alone, computed exactly as before the term existed."""
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        self.dice_ce = DiceCELoss(
+            sigmoid=True, batch=cfg.batch_dice, lambda_dice=cfg.dice_weight,
+            lambda_ce=cfg.ce_weight,
+        )
+        self.cldice_weight = cfg.cldice_weight
+        self.cldice = SoftclDiceLoss(iter_=cfg.cldice_iters, sigmoid=True) \
+            if cfg.cldice_weight > 0 else None
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.dice_ce(logits, target)
+        if self.cldice is not None:
+            loss = loss + self.cldice_weight * self.cldice(logits, target)
+        return loss
+
+
 @dataclass
 class SegmentBatch:
     inputs: np.ndarray  # (b, c, p, p) uint8
@@ -138,12 +160,7 @@ class SegmentTask(Task):
                 max_time=cfg.engine.max_time,
             )
         }
-        self.loss = DiceCELoss(
-            sigmoid=True,
-            batch=cfg.loss.batch_dice,
-            lambda_dice=cfg.loss.dice_weight,
-            lambda_ce=cfg.loss.ce_weight,
-        )
+        self.loss = SegmentLoss(cfg.loss)
 
     @property
     def net(self) -> torch.nn.Module:

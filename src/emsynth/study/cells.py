@@ -5,6 +5,8 @@
 - membranes: predicted membrane masks of the data's slices, cached slice by slice;
 - gan: trains pix2pix on one regime x seed's real data only, then synthesises S images from
   each mask layout the study asks for (emsynth.synthesis.masks.layout_masks);
+- gan-model: a regime's GAN shared by its seeds (share_gan, where every seed has the same real
+  data): trained once; each seed's gan cell then only synthesises from it;
 - segment: trains one mitochondria U-Net (real, real+synthetic with a strategy: replace, add
   or pretrain, or synthetic data) and chooses its threshold on the validation block;
 - eval: scores one trained segmenter on the test set.
@@ -29,6 +31,7 @@ from emsynth.data.writers import write_slice_folder
 from emsynth.engine.config import EngineConfig
 from emsynth.engine.device import resolve_device, resolve_precision
 from emsynth.errors import EmsynthError, input_error
+from emsynth.gan.config import GanConfig
 from emsynth.io import atomic_path
 from emsynth.segment.config import SegmentConfig
 from emsynth.segment.infer import predict_with
@@ -194,31 +197,57 @@ def synthetic_count(cfg: StudyConfig, n_slices: int) -> int:
     return s.count if s.count_per_slice is None else max(s.count, s.count_per_slice * n_slices)
 
 
-def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch.device,
-            layouts: list[str] | None = None) -> dict[str, Any]:
-    """Train the GAN on `real` alone (its conditioning labels included), then synthesise
-    `synthetic_count` images from the masks of each layout (`layouts`, the first being the
-    study's own, synthesis.masks; emsynth.synthesis.masks.layout_masks), built from `real`'s
-    masks only."""
-    from emsynth.gan.export import load_generator
-    from emsynth.gan.inference import synthesize_volume
+def train_regime_gan(run_dir: Path, gan_cfg: GanConfig, real: Volume) -> dict[str, Any]:
+    """Train the GAN on `real` alone (its conditioning labels included) into `run_dir`;
+    returns the training's scalar results (steps, time, stop reason, last losses)."""
     from emsynth.gan.train import train_gan
-    from emsynth.synthesis import masks as mask_sources
 
-    gan_cfg = cfg.gan_config()
-    gan_cfg = gan_cfg.model_copy(update={"engine": gan_cfg.engine.model_copy(
-        update={"seed": seed})})
-    channels = list(gan_cfg.data.channels)
     if min(real.shape[1:]) < gan_cfg.data.crop:
         raise EmsynthError(
             f"the real data ({real.shape[1]}x{real.shape[2]} px) is smaller than the GAN's "
             f"{gan_cfg.data.crop} px training crop. Fix: use regimes.crop >= gan.data.crop"
         )
-    conditioned = Volume(real.image, {name: real.labels[name] for name in channels},
-                         real.pixel_size_nm, real.source, real.slice_names)
-    result = train_gan(gan_cfg, cell.dir / GAN_RUN, volumes=[conditioned])
-    check_finished(result, cell.dir)
-    generator, conditioning, _ = load_generator(cell.dir / GAN_RUN, device)
+    result = train_gan(gan_cfg, run_dir, volumes=[conditioned_volume(real, gan_cfg)])
+    check_finished(result, run_dir.parent)
+    return {k: v for k, v in result.items() if isinstance(v, (int, float, str))}
+
+
+def conditioned_volume(real: Volume, gan_cfg: GanConfig) -> Volume:
+    """`real` with only the GAN's conditioning channels (data.channels) as labels."""
+    return Volume(real.image, {name: real.labels[name] for name in gan_cfg.data.channels},
+                  real.pixel_size_nm, real.source, real.slice_names)
+
+
+def run_gan_model(cell: Cell, gan_cfg: GanConfig, real: Volume) -> dict[str, Any]:
+    """A regime's GAN shared by its seeds (StudyConfig.share_gan): trained once on the data
+    every seed has, with gan.engine.seed; each seed's `run_gan` cell synthesises from it."""
+    return {"gan": train_regime_gan(cell.dir / GAN_RUN, gan_cfg, real)}
+
+
+def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch.device,
+            layouts: list[str] | None = None, gan_cfg: GanConfig | None = None,
+            trained: Cell | None = None) -> dict[str, Any]:
+    """Train the GAN on `real` alone with the study seed (`gan_cfg`: the regime's recipe,
+    StudyConfig.gan_config), or take the shared GAN of the `trained` cell (run_gan_model); then
+    synthesise `synthetic_count` images from the masks of each layout (`layouts`, the first
+    being the study's own, synthesis.masks; emsynth.synthesis.masks.layout_masks), built from
+    `real`'s masks only and seeded by the study seed."""
+    from emsynth.gan.export import load_generator
+    from emsynth.gan.inference import synthesize_volume
+    from emsynth.synthesis import masks as mask_sources
+
+    gan_cfg = gan_cfg or cfg.gan_config()
+    if trained is None:
+        gan_cfg = gan_cfg.model_copy(update={"engine": gan_cfg.engine.model_copy(
+            update={"seed": seed})})
+        run_dir = cell.dir / GAN_RUN
+        summary = train_regime_gan(run_dir, gan_cfg, real)
+    else:
+        run_dir = trained.dir / GAN_RUN
+        summary = trained.result()["gan"]
+    channels = list(gan_cfg.data.channels)
+    conditioned = conditioned_volume(real, gan_cfg)
+    generator, conditioning, _ = load_generator(run_dir, device)
 
     s = cfg.synthesis
     main = canonical_layout(s.masks)
@@ -246,7 +275,7 @@ def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch
     save_preview(cell.dir / REAL_PREVIEW, **preview_of(conditioned, channels))
     first = per_layout[layouts[0]]
     out = {
-        "gan": {k: v for k, v in result.items() if isinstance(v, (int, float, str))},
+        "gan": summary,
         "synthetic_count": count,
         "synthetic_size": first["size"],
         "mito_fraction_real": float(real.labels[MITO].mean()),
@@ -255,6 +284,8 @@ def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch
     }
     if len(layouts) > 1:
         out["layouts"] = per_layout
+    if trained is not None:
+        out["gan_shared"] = trained.spec.name
     return out
 
 

@@ -8,18 +8,22 @@ with the same step budget and augmentation. Thresholds are chosen on a validatio
 scores measured on a test block that nothing else touches.
 
 The GAN and segmenter sections are the stages' own configs (`GanConfig`, `SegmentConfig`);
-the study supplies their data, so their data-location fields must stay at the defaults.
+the study supplies their data, so their data-location fields must stay at the defaults. The GAN
+section may start from a preset file (`gan: {preset: configs/gan/cpu_texture.yaml, ...}`): the
+other keys are merged on top and the result is an ordinary `GanConfig`, so cell keys hash the
+resolved recipe, never the file's path.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from emsynth.config import StrictModel
+from emsynth.config import StrictModel, load_config
 from emsynth.data.phantom.config import PhantomConfig
 from emsynth.data.slices import DEFAULT_GAP
+from emsynth.errors import EmsynthError
 from emsynth.gan.config import GanConfig, GanDataConfig
 from emsynth.segment.config import (
     DataConfig,
@@ -98,6 +102,18 @@ class RegimeConfig(StrictModel):
         description="Crops: redraw the random position (up to 100 times, else keep the fullest "
         "draw) until this share of the crop is mitochondria, as an annotator would pick a crop "
         "with objects in it; 0 = any position.",
+    )
+    gan_steps: int | None = Field(
+        None, ge=1,
+        description="Training steps of this regime's GAN; None = gan.engine.steps. A GAN on one "
+        "256 px crop sees the same image every step and needs far fewer than one on slices.",
+    )
+    data_seed: int | None = Field(
+        None, ge=0,
+        description="Draw this regime's slices (and crops) with this seed for every study seed, "
+        "so all seeds share the same real data (and, with share_gan, one GAN); the seeds then "
+        "vary the synthetic images and the segmenters only. None = each seed draws its own "
+        "data (the slice grid's offset and the crops are seeded; only 'all' is the same).",
     )
 
     @field_validator("slices")
@@ -222,6 +238,28 @@ class AblationConfig(StrictModel):
     )
 
 
+def resolve_gan_preset(section: dict[str, Any]) -> dict[str, Any]:
+    """The `gan:` section with its `preset` file loaded (a GanConfig YAML, validated on its
+    own first so its errors name the file) and the section's other keys on top, section by
+    section: `engine: {steps: 500}` changes one key of the preset's engine; a key's value is
+    replaced whole (`loss: {class_l1_weights: {}}` clears the preset's class weights)."""
+    from emsynth.study.data import resolve_path  # study.data imports this module
+
+    section = dict(section)
+    preset = section.pop("preset")
+    if not isinstance(preset, str):
+        raise EmsynthError(f"gan.preset {preset!r} is not a path. Fix: name a GAN config YAML, "
+                           "e.g. configs/gan/cpu_texture.yaml")
+    path = resolve_path(preset, "gan.preset", "pass a YAML file from configs/gan/")
+    merged = load_config(GanConfig, path).model_dump(mode="json")
+    for name, value in section.items():
+        if isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = {**merged[name], **value}
+        else:
+            merged[name] = value
+    return merged
+
+
 class StudyConfig(StrictModel):
     name: str = Field("study", description="Title of the report.")
     data: SourceConfig
@@ -235,19 +273,43 @@ class StudyConfig(StrictModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     conditions: list[Condition] = Field(default_factory=lambda: list(CONDITIONS), min_length=1)
     membranes: MembraneSourceConfig = Field(default_factory=MembraneSourceConfig)
-    gan: GanConfig = Field(default_factory=GanConfig)
+    gan: GanConfig = Field(
+        default_factory=GanConfig,
+        description="The GAN recipe (emsynth.gan.config.GanConfig), or {preset: <GAN config "
+        "YAML>, ...}: the preset with the other keys merged on top (e.g. engine: {steps: ...}).",
+    )
+    share_gan: bool = Field(
+        False,
+        description="Train one GAN per regime where every seed has the same real data (regime "
+        "all, or a regime with data_seed), with gan.engine.seed, and let each seed synthesise "
+        "its own images from it; False = one GAN per regime and seed.",
+    )
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
     ablation: AblationConfig | None = Field(
         None, description="Mask layout x strategy ablation (real+synthetic only); None = none."
     )
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
+    reference_iou: float | None = Field(
+        None, gt=0, le=1,
+        description="Validation foreground IoU of the segmentation preset on this study's "
+        "split, for the report's target 'real-only on all slices within 0.02 of it' (compared "
+        "with real-only's validation IoU at the regime with all slices); None = not checked.",
+    )
     num_threads: int | None = Field(
         None, ge=1,
         description="torch CPU threads for the whole study (training, synthesis, inference); "
         "None = torch's default. 1 is fastest for tiny models and on a shared machine. Not "
         "part of any cell's key.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gan_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("gan"), dict) and \
+                "preset" in data["gan"]:
+            data = {**data, "gan": resolve_gan_preset(data["gan"])}
+        return data
 
     @field_validator("seeds")
     @classmethod
@@ -315,8 +377,11 @@ class StudyConfig(StrictModel):
             out += [canonical_layout(layout) for layout in self.ablation.layouts]
         return list(dict.fromkeys(out))
 
-    def gan_config(self) -> GanConfig:
+    def gan_config(self, regime: RegimeConfig | None = None) -> GanConfig:
         """The GAN config as trained by the study: no held-out slices (the regime's data is
-        all the GAN may see)."""
+        all the GAN may see), and the regime's own step count (gan_steps) if it has one."""
         data = self.gan.data.model_copy(update={"val_block": 0})
-        return self.gan.model_copy(update={"data": data})
+        update: dict[str, Any] = {"data": data}
+        if regime is not None and regime.gan_steps is not None:
+            update["engine"] = self.gan.engine.model_copy(update={"steps": regime.gan_steps})
+        return self.gan.model_copy(update=update)

@@ -120,14 +120,17 @@ def _stable_seed(seed: int, regime: RegimeConfig) -> list[int]:
 def select(regime: RegimeConfig, train: list[int], seed: int, mito: np.ndarray) -> Selection:
     """`regime.slices` slices evenly spaced over the training block, the grid shifted by a
     seeded offset; crops (when asked) at seeded random positions holding at least
-    `regime.min_foreground` mitochondria (`mito`: the volume's (z, y, x) labels)."""
+    `regime.min_foreground` mitochondria (`mito`: the volume's (z, y, x) labels). The seed is
+    the study seed, or the regime's data_seed for every study seed; with all slices the offset
+    changes nothing, so every seed gets the same data."""
     count = len(train) if regime.slices == "all" else regime.slices
     if count > len(train):
         raise EmsynthError(
             f"regime {regime.name!r} wants {count} slices but the training block has "
             f"{len(train)}. Fix: lower regimes.slices or the validation/test blocks"
         )
-    rng = np.random.default_rng(_stable_seed(seed, regime))
+    rng = np.random.default_rng(_stable_seed(
+        seed if regime.data_seed is None else regime.data_seed, regime))
     stride = len(train) / count
     offset = rng.uniform(0, stride)
     slices = [train[min(int(offset + i * stride), len(train) - 1)] for i in range(count)]

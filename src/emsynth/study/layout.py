@@ -41,6 +41,12 @@ def canonical_layout(name: str) -> str:
     return "deformed" if name == "real" else name
 
 
+def variant_name(layout: str, strategy: str, share: float | None) -> str:
+    """A real+synthetic recipe's label: layout/strategy, with the synthetic share where it
+    applies (the ablation's variants; the report names the main recipe the same way)."""
+    return f"{layout}/{strategy}" + ("" if strategy == "pretrain" else f" {share:g}")
+
+
 def layout_preview(layout: str, main: str) -> str:
     """The GAN cell's preview of one layout's synthetic images: PREVIEW for the study's own
     layout `main` (synthesis.masks), preview-<layout>.npz for the ablation's others."""

@@ -2,8 +2,10 @@
 
 Order: the membrane model (when the study trains one), then for each seed and each regime the
 GAN + synthesis cell, one segmenter per condition and one test evaluation per segmenter. Seeds
-are the outer loop, so a study stopped early holds complete replicates. The plan and every
-cell's key go to `study.json` (what the report reads); cells live in `cells/<kind>-<key>/`.
+are the outer loop, so a study stopped early holds complete replicates. With share_gan, a regime
+whose real data is the same for every seed gets one `gan-model` cell (planned with the first
+seed) and each seed's GAN cell only synthesises from it. The plan and every cell's key go to
+`study.json` (what the report reads); cells live in `cells/<kind>-<key>/`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from emsynth.study.cache import (
     hash_files,
     sha256_text,
 )
-from emsynth.study.config import StudyConfig
+from emsynth.study.config import RegimeConfig, StudyConfig
 from emsynth.study.layout import (
     CELLS_DIR,
     FORMAT,
@@ -56,10 +58,11 @@ from emsynth.study.layout import (
     STUDY_YAML,
     canonical_layout,
     save_preview,
+    variant_name,
 )
 
 #: Bump when what a kind of cell computes changes, so old results are not reused.
-CELL_VERSIONS = {"membrane-model": 1, "gan": 1, "segment": 1, "eval": 1}
+CELL_VERSIONS = {"membrane-model": 1, "gan-model": 1, "gan": 1, "segment": 1, "eval": 1}
 
 
 @dataclass
@@ -86,6 +89,8 @@ class StudyState:
     membrane_model_dir: Path | None = None
     membrane_cache: Path | None = None
     selections: dict[tuple[str, int], study_data.Selection] = field(default_factory=dict)
+    #: Regimes whose seeds share one GAN (share_gan and the same real data for every seed).
+    shared_gans: set[str] = field(default_factory=set)
 
 
 # --- progress --------------------------------------------------------------------------------
@@ -243,9 +248,16 @@ def synthesis_settings(cfg: StudyConfig) -> dict[str, Any]:
             if k not in _NEW_SYNTHESIS_FIELDS or v != _NEW_SYNTHESIS_FIELDS[k]}
 
 
-def variant_name(layout: str, strategy: str, share: float) -> str:
-    """An ablation variant's label: layout/strategy, with the share where it applies."""
-    return f"{layout}/{strategy}" + ("" if strategy == "pretrain" else f" {share:g}")
+def shares_gan(state: StudyState, regime: RegimeConfig) -> bool:
+    """Whether a regime's seeds share one GAN: share_gan is on, there is more than one seed,
+    and every seed drew the same real data (regime all, or a regime with data_seed). A GAN
+    trained on one seed's data never serves a seed with other data: its images would carry
+    annotation that seed does not have."""
+    cfg = state.cfg
+    if not (cfg.share_gan and len(cfg.seeds) > 1):
+        return False
+    drawn = [state.selections[(regime.name, seed)].as_dict() for seed in cfg.seeds]
+    return all(d == drawn[0] for d in drawn)
 
 
 def plan_cells(cfg: StudyConfig, study_dir: str | Path) -> list[Planned]:
@@ -269,14 +281,18 @@ def plan_study(state: StudyState) -> list[Planned]:
             val_cache["val"] = segment_data(val_volume, [IMAGE], MITO)
         return val_cache["val"]
 
-    gan_cfg = cfg.gan_config()
-    with_membranes = MEMBRANE in gan_cfg.data.channels
+    with_membranes = MEMBRANE in cfg.gan.data.channels
     eval_precision = resolve_precision(cfg.segment.engine.precision,
                                        cells.inference_device(cfg.segment.engine))
     for seed in cfg.seeds:
         for regime in cfg.regimes:
-            selection = study_data.select(regime, state.blocks.train, seed, volume.labels[MITO])
-            state.selections[(regime.name, seed)] = selection
+            state.selections[(regime.name, seed)] = study_data.select(
+                regime, state.blocks.train, seed, volume.labels[MITO])
+    state.shared_gans = {regime.name for regime in cfg.regimes if shares_gan(state, regime)}
+    gan_models: dict[str, Cell] = {}
+    for seed in cfg.seeds:
+        for regime in cfg.regimes:
+            selection = state.selections[(regime.name, seed)]
             real = study_data.cut(volume, selection)
             real_key = hash_arrays(real.image, real.labels[MITO])
             labels = {"regime": regime.name, "seed": seed, "pixels": selection.pixels(shape)}
@@ -284,6 +300,7 @@ def plan_study(state: StudyState) -> list[Planned]:
             gan_cell = None
             layouts = cfg.layouts(regime.name)
             if cfg.uses_synthetic:
+                gan_cfg = cfg.gan_config(regime)
                 inputs = {"real": real_key}
                 if with_membranes:
                     inputs["membranes"] = (
@@ -293,15 +310,36 @@ def plan_study(state: StudyState) -> list[Planned]:
                             "seed": seed}
                 if len(layouts) > 1:
                     settings["layouts"] = layouts
-                spec = CellSpec("gan", CELL_VERSIONS["gan"], settings, inputs, labels)
+                gan_labels, model, budget = labels, None, gan_cfg.engine.max_time
+                if regime.name in state.shared_gans:
+                    model = gan_models.get(regime.name)
+                    if model is None:
+                        model = Cell(study_dir, CellSpec(
+                            "gan-model", CELL_VERSIONS["gan-model"],
+                            {"gan": gan_settings(gan_cfg)}, dict(inputs),
+                            {"regime": regime.name, "seed": "shared"}))
+                        gan_models[regime.name] = model
+
+                        def model_work(cell=model, regime=regime, seed=seed, gan_cfg=gan_cfg):
+                            real_data = _regime_volume(state, regime, seed, with_membranes)
+                            return cells.run_gan_model(cell, gan_cfg, real_data)
+
+                        planned.append(Planned(model, model_work, gan_cfg.engine.max_time))
+                    # The shared GAN's key stands for its recipe and data.
+                    del settings["gan"]
+                    inputs["gan_model"] = model.spec.key
+                    gan_labels, budget = {**labels, "gan": "shared"}, None
+                spec = CellSpec("gan", CELL_VERSIONS["gan"], settings, inputs, gan_labels)
                 gan_cell = Cell(study_dir, spec)
 
-                def gan_work(cell=gan_cell, regime=regime, seed=seed, layouts=layouts):
+                def gan_work(cell=gan_cell, regime=regime, seed=seed, layouts=layouts,
+                             gan_cfg=gan_cfg, model=model):
                     real_data = _regime_volume(state, regime, seed, with_membranes)
                     return cells.run_gan(cell, cfg, real_data, seed,
-                                         cells.inference_device(cfg.gan.engine), layouts)
+                                         cells.inference_device(cfg.gan.engine), layouts,
+                                         gan_cfg, model)
 
-                planned.append(Planned(gan_cell, gan_work, gan_cfg.engine.max_time))
+                planned.append(Planned(gan_cell, gan_work, budget))
 
             seg_settings = cells.segment_config(cfg, seed, regime.steps).model_dump(
                 mode="json", exclude={"data"})
@@ -375,7 +413,8 @@ def write_index(state: StudyState, planned: list[Planned], status: str,
         per_seed = {str(seed): {**state.selections[(regime.name, seed)].as_dict(),
                                 "pixels": state.selections[(regime.name, seed)].pixels(shape[1:])}
                     for seed in cfg.seeds}
-        regimes.append({**regime.model_dump(mode="json"), "per_seed": per_seed})
+        regimes.append({**regime.model_dump(mode="json"), "per_seed": per_seed,
+                        "gan_shared": regime.name in state.shared_gans})
     index = {
         "format": FORMAT,
         "name": cfg.name,
