@@ -11,6 +11,8 @@ ratio 8x / 1x, with the CPU kind and the precision.
 
     .venv/bin/python benchmarks/volume_memory.py --quick   # 2 x 256 x 256 base: < 2 minutes
     .venv/bin/python benchmarks/volume_memory.py           # 8x = 32 x 8192 x 8192, 2.1 GB uint8
+    # the same in a 1 GB memory cgroup (smaller than the 8x volume), with a narrow U-Net
+    .venv/bin/python benchmarks/volume_memory.py --limit-mb 1024 --channels 8,16,32,64
 """
 
 from __future__ import annotations
@@ -52,8 +54,30 @@ def write_phantom(path: Path, shape: tuple[int, int, int], block: tuple[int, int
         array[b.slices] = slab[:, :ny, :nx]
 
 
+def memory_cgroup(limit_mb: int) -> Path:
+    """A fresh memory cgroup (v2 `memory.max` or v1 `memory.limit_in_bytes`) below this
+    process's own, limited to `limit_mb`: the memory "given to" the prediction process, so a
+    volume larger than it shows that nothing holds the volume. Needs a writable cgroup tree
+    (root, or a delegated subtree); exits with the reason otherwise."""
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    v1 = [line.split(":", 2)[2] for line in lines if line.split(":")[1] == "memory"]
+    if v1:
+        base, limit_file = Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/"), "memory.limit_in_bytes"
+    else:
+        own = next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
+        base, limit_file = Path("/sys/fs/cgroup") / own.lstrip("/"), "memory.max"
+    group = base / f"emsynth-volume-memory-{os.getpid()}"
+    try:
+        group.mkdir(exist_ok=True)
+        (group / limit_file).write_text(str(limit_mb * 2**20))
+    except OSError as err:
+        raise SystemExit(f"--limit-mb needs a writable memory cgroup ({group}: {err}). Fix: run "
+                         "as root or in a delegated cgroup, or drop --limit-mb") from None
+    return group
+
+
 def predict(input_path: Path, model: Path, out: Path, block: str, precision: str,
-            threads: int | None) -> dict:
+            threads: int | None, cgroup: Path | None = None) -> dict:
     """`emsynth segment predict` in a child process: its wall time, peak RSS and MP/s."""
     cmd = [sys.executable, "-m", "emsynth.cli", "segment", "predict", str(input_path), "-m",
            str(model), "-o", str(out), "--block", block, "--device", "cpu", "--precision",
@@ -62,6 +86,8 @@ def predict(input_path: Path, model: Path, out: Path, block: str, precision: str
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
+    if cgroup is not None:  # the child joins the cgroup, then becomes the prediction
+        cmd = ["sh", "-c", f'echo $$ > "{cgroup / "cgroup.procs"}" && exec "$@"', "sh", *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=env)
     stdout = proc.stdout.read() if proc.stdout else ""
@@ -83,6 +109,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="S of the 1x volume (default 4096).")
     parser.add_argument("--block", help="z,y,x blocks (default 8,1024,1024).")
     parser.add_argument("--model", type=Path, help="A segmenter (default: untrained default).")
+    parser.add_argument("--channels", default=None,
+                        help="Widths of the untrained U-Net, e.g. 8,16,32,64 (default: the "
+                        "segmenter default); memory does not depend on it, time does.")
+    parser.add_argument("--limit-mb", type=int, default=None,
+                        help="Run each prediction in a memory cgroup of this size (e.g. 1024, "
+                        "below the 8x volume's 2.1 GB); needs a writable cgroup tree.")
     parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto.")
     parser.add_argument("--threads", type=int, default=None, help="OMP threads of the child.")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -103,14 +135,19 @@ def main() -> None:
 
     precision = resolve_precision(args.precision, torch.device("cpu"), warn=False)
     work = Path(tempfile.mkdtemp(prefix="volume_memory.", dir=args.workdir))
+    cgroup = None
     try:
         model = args.model
         if model is None:
             torch.manual_seed(0)
             model = work / "model"
             cfg = ModelConfig()
+            if args.channels is not None:
+                widths = [int(c) for c in args.channels.split(",")]
+                cfg = ModelConfig(channels=widths, strides=[2] * (len(widths) - 1))
             Segmenter(build_model(cfg, 1).eval(), cfg, ["image"], "mito", 0.5,
                       InferConfig()).save(model)
+        cgroup = memory_cgroup(args.limit_mb) if args.limit_mb else None
         rows = []
         for name, (fz, fyx) in FACTORS.items():
             shape = (slices * fz, size * fyx, size * fyx)
@@ -118,7 +155,7 @@ def main() -> None:
             start = time.perf_counter()
             write_phantom(src, shape, block)
             made = time.perf_counter() - start
-            result = predict(src, model, out, block_text, precision, args.threads)
+            result = predict(src, model, out, block_text, precision, args.threads, cgroup)
             rows.append({"name": name, "shape": shape, "mb": shape[0] * shape[1] * shape[2] / 1e6,
                          "gen_s": made, **result})
             print(f"{name}: {shape[0]} x {shape[1]} x {shape[2]} done "
@@ -127,9 +164,13 @@ def main() -> None:
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"blockwise `emsynth segment predict`, blocks {block_text}, default segmenter U-Net "
-          f"(untrained unless --model), no TTA; CPU: {cpu_kind()}, {torch.get_num_threads()} "
-          f"threads, precision {precision}")
+        if cgroup is not None:
+            cgroup.rmdir()
+    width = f"U-Net channels {args.channels}" if args.channels else "default segmenter U-Net"
+    limit = f", in a {args.limit_mb} MB memory cgroup" if args.limit_mb else ""
+    print(f"blockwise `emsynth segment predict`, blocks {block_text}, {width} (untrained unless "
+          f"--model), no TTA{limit}; CPU: {cpu_kind()}, {torch.get_num_threads()} threads, "
+          f"precision {precision}")
     print(f"{'volume':<7} {'z x y x':>18} {'MB uint8':>9} {'peak RSS MB':>12} {'MP/s':>7} "
           f"{'wall s':>7}")
     for r in rows:
