@@ -23,7 +23,12 @@ from emsynth.data.blocks import DONE_DIR, SLEEP_ENV, iter_blocks, shard_blocks, 
 from emsynth.data.omezarr import open_ome_zarr, write_volume
 from emsynth.data.phantom.generate import generate_volume
 from emsynth.errors import EmsynthError
-from emsynth.segment.blockwise import BlockwiseModel, predict_array, predict_to_ome_zarr
+from emsynth.segment.blockwise import (
+    BlockwiseModel,
+    inference_net,
+    predict_array,
+    predict_to_ome_zarr,
+)
 from emsynth.segment.config import InferConfig, ModelConfig
 from emsynth.segment.infer import probability_to_uint8
 from emsynth.segment.model import Segmenter, build_model
@@ -50,6 +55,25 @@ def test_blockwise_equals_whole_volume(net, image, tta):
         blocks = predict_array(model, image, block)
         np.testing.assert_allclose(blocks, whole, atol=1e-5)
         np.testing.assert_array_equal(blocks >= 0.5, whole >= 0.5)
+
+
+@pytest.mark.parametrize("cfg", [TINY, ModelConfig(arch="basicunet", channels=[4, 4, 8, 8, 16, 4])])
+def test_inference_net_folds_batchnorm_and_predicts_as_the_net(cfg):
+    torch.manual_seed(0)
+    net = build_model(cfg, 2)
+    for m in net.modules():  # trained-looking statistics, so that folding has work to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t, lo, hi in ((m.running_mean, -1, 1), (m.running_var, 0.5, 2),
+                              (m.weight.data, 0.5, 2), (m.bias.data, -1, 1)):
+                t.uniform_(lo, hi)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fast = inference_net(net)
+    assert net.training and all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.rand(3, 2, 64, 48)
+    with torch.no_grad():
+        expected = net.eval()(x)
+        np.testing.assert_allclose(fast(x), expected, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_blocks_tile_the_volume_and_shards_partition_them():

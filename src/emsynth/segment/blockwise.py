@@ -3,8 +3,9 @@
 The block machinery (window grid, blocks, shards, done-markers, the OME-Zarr output and its
 pyramid, local and dask runners) is `emsynth.data.blocks`; this module adds what is the
 segmenter's own: the network call with MONAI's blending weights and optional 8-way TTA
-(`predict_region`), and the job that writes probabilities as the image and the thresholded
-mask as labels/<target> (`PredictJob`, `predict_to_ome_zarr`).
+(`predict_region`) on an inference copy of the net (`inference_net`: BatchNorm folded into
+the convolutions, channels_last), and the job that writes probabilities as the image and the
+thresholded mask as labels/<target> (`PredictJob`, `predict_to_ome_zarr`).
 
 The sliding windows lie on one global grid per slice (window `w`, stride `s = w (1 - overlap)`,
 the last ones reach past the edge and see replicate padding, as MONAI's do), so a blockwise run
@@ -14,7 +15,12 @@ different batch composition; masks are equal in the tests).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
+import functools
+import itertools
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,18 +48,83 @@ from emsynth.data.blocks import (
 PROB_NAME = "prob"
 
 
+@functools.lru_cache(maxsize=16)
 def importance_map(window: tuple[int, int], blend: str) -> np.ndarray:
-    """MONAI's blending weights for one window (gaussian, sigma 0.125 of the side, or constant)."""
+    """MONAI's blending weights for one window (gaussian, sigma 0.125 of the side, or constant).
+
+    Cached and read-only: every block of a run blends with the same map, and building a
+    gaussian one costs about as much as a 256 x 256 window's forward pass."""
     from monai.data.utils import compute_importance_map
 
     weights = compute_importance_map(window, mode=blend, sigma_scale=0.125, device="cpu")
     weights = weights.float()
     nonzero = weights[weights > 0]
     weights = torch.clamp(weights, min=float(nonzero.min()) if nonzero.numel() else 1e-3)
-    return weights.numpy()
+    weights = weights.numpy()
+    weights.flags.writeable = False
+    return weights
 
 
-@torch.no_grad()
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+          nn.ConvTranspose3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _leaf(parent: nn.Module, name: str, end: int) -> tuple[nn.Module, str]:
+    """(parent, name) of the module that `parent.name` runs first (end 0) or last (end -1):
+    itself, or inside it when it is a Sequential."""
+    module = parent._modules[name]
+    while isinstance(module, nn.Sequential) and len(module):
+        parent, name = module, list(module._modules)[end]
+        module = parent._modules[name]
+    return parent, name
+
+
+def _fold_norm(conv: nn.Module, norm: nn.Module) -> None:
+    """Fold an eval-mode BatchNorm into the convolution whose output it normalises."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    weight = conv.weight.detach()
+    if isinstance(conv, nn.modules.conv._ConvTransposeNd):  # (in, out / groups, ...) per group
+        g = conv.groups
+        weight = (weight.reshape(g, weight.shape[0] // g, weight.shape[1], -1)
+                  * scale.reshape(g, 1, -1, 1)).reshape(weight.shape)
+    else:
+        weight = weight * scale.reshape(-1, *[1] * (weight.dim() - 1))
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(shift)
+    conv.weight = nn.Parameter(weight)
+    conv.bias = nn.Parameter(bias * scale + shift)
+
+
+def inference_net(net: nn.Module) -> nn.Module:
+    """An eval-mode copy of `net` to predict with, equal to it up to float rounding: each
+    BatchNorm that a Sequential runs right after a convolution is folded into it (a pass over
+    the activations fewer per layer), and 2D weights are channels_last, oneDNN's own layout (no
+    reorder per call). Together about 1.3x faster on CPU, in fp32 and in bf16."""
+    net = copy.deepcopy(net).eval()
+    uses = collections.Counter(id(m) for _, m in net.named_modules(remove_duplicate=False))
+    for seq in list(net.modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for a, b in itertools.pairwise(seq._modules):  # b's first module gets a's last output
+            conv_parent, conv_name = _leaf(seq, a, -1)
+            norm_parent, norm_name = _leaf(seq, b, 0)
+            conv, norm = conv_parent._modules[conv_name], norm_parent._modules[norm_name]
+            if (isinstance(conv, _CONVS) and isinstance(norm, _NORMS)
+                    and norm.running_mean is not None and uses[id(conv)] == uses[id(norm)] == 1
+                    and norm.num_features == conv.out_channels):
+                _fold_norm(conv, norm)
+                setattr(norm_parent, norm_name, nn.Identity())
+    if all(p.dim() <= 4 for p in net.parameters()):
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+@torch.inference_mode()
 def predict_region(
     net: nn.Module,
     read: Callable[[slice, slice], np.ndarray],
@@ -70,29 +141,30 @@ def predict_region(
     """Foreground probabilities (z, y1 - y0, x1 - x0) of output pixels out_y x out_x.
 
     read(ys, xs): the uint8 input (z, c, ys, xs) of a region inside the slice; the region
-    beyond the slice edge is replicate-padded, as on the whole slice.
+    beyond the slice edge is replicate-padded, as on the whole slice. `net` in eval mode
+    (`inference_net`). One autocast around the region, so bf16 weights are cast once per
+    region rather than once per batch.
     """
     from emsynth.segment.augment import dihedral, inverse_dihedral
     from emsynth.segment.model import to_float
 
-    def run(windows: np.ndarray, keys: list) -> np.ndarray:
-        x_in = to_float(torch.from_numpy(windows).to(device))
-        if tta:
-            out = torch.zeros((len(windows), 1, *x_in.shape[-2:]), dtype=torch.float32,
-                              device=x_in.device)
-            for k in range(8):
-                with autocast():
-                    logits = net(dihedral(x_in, k)).float()
-                out += inverse_dihedral(torch.sigmoid(logits), k)
-            out /= 8.0
-        else:
-            with autocast():
-                out = net(x_in).float()
-        return out[:, 0].cpu().numpy()
+    layout = torch.channels_last
 
-    blended = blend_windows(read, out_y, out_x, axes, weights, run, batch=sw_batch_size,
-                            pad="edge")
-    return blended if tta else torch.sigmoid(torch.from_numpy(blended)).numpy()
+    def run(windows: np.ndarray, keys: list) -> np.ndarray:
+        x_in = to_float(torch.from_numpy(windows).to(device)).contiguous(memory_format=layout)
+        if not tta:
+            return net(x_in).float()[:, 0].cpu().numpy()
+        out = None
+        for k in range(8):
+            view = dihedral(x_in, k).contiguous(memory_format=layout)
+            prob = inverse_dihedral(torch.sigmoid(net(view).float()), k)
+            out = prob if out is None else out.add_(prob)
+        return out.div_(8.0)[:, 0].cpu().numpy()
+
+    with autocast():
+        blended = blend_windows(read, out_y, out_x, axes, weights, run, batch=sw_batch_size,
+                                pad="edge")
+    return blended if tta else torch.sigmoid_(torch.from_numpy(blended)).numpy()
 
 
 @dataclass
@@ -108,21 +180,32 @@ class BlockwiseModel:
     device: torch.device | str = "cpu"
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
+    def prepared(self) -> nn.Module:
+        """`inference_net(net)`, made on first use (once, also when threads share this model):
+        the caller's net is never touched; change its weights after that and make a new
+        BlockwiseModel."""
+        fast = self.__dict__.get("_prepared")
+        if fast is None:
+            with _PREPARE_LOCK:
+                fast = self.__dict__.get("_prepared")
+                if fast is None:
+                    fast = self.__dict__["_prepared"] = inference_net(self.net)
+        return fast
+
     def region(self, read: Callable[[slice, slice], np.ndarray], out_y: tuple[int, int],
                out_x: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
         """Probabilities of out_y x out_x in slices of `size` (height, width)."""
         axes = grid_axes(size[0], size[1], self.window, self.overlap)
         weights = importance_map((axes[0].window, axes[1].window), self.blend)
-        was_training = self.net.training
-        if was_training:  # a net already in eval mode is never toggled (threads may share it)
-            self.net.eval()
-        try:
-            return predict_region(self.net, read, out_y, out_x, axes, weights,
-                                  sw_batch_size=self.sw_batch_size, tta=self.tta,
-                                  device=self.device, autocast=self.autocast)
-        finally:
-            if was_training:
-                self.net.train()
+        return predict_region(self.prepared(), read, out_y, out_x, axes, weights,
+                              sw_batch_size=self.sw_batch_size, tta=self.tta,
+                              device=self.device, autocast=self.autocast)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_prepared"}
+
+
+_PREPARE_LOCK = threading.Lock()
 
 
 def blockwise_model(segmenter: Any, shape: Sequence[int], device: torch.device,
