@@ -55,4 +55,6 @@ def test_ci_runs_the_readme_test_command_with_the_napari_extra():
     assert end == start + 2
     command = ci[start + 1]
     assert command in (ROOT / "README.md").read_text().splitlines()
-    assert "-e '.[test,bioimageio,napari]'" in command and command.endswith("pytest -q")
+    extras = re.search(r"-e '\.\[([a-z,]+)\]'", command)
+    assert extras and set(extras.group(1).split(",")) >= {"test", "bioimageio", "napari", "dask"}
+    assert command.endswith("pytest -q")
