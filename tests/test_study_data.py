@@ -9,6 +9,7 @@ import pytest
 from emsynth.data.phantom import generate_volume
 from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.errors import EmsynthError
+from emsynth.io import resolve_path
 from emsynth.study import data
 from emsynth.study.config import RegimeConfig, SourceConfig, StudyConfig
 
@@ -101,10 +102,10 @@ def test_split_blocks_and_missing_test():
 
 def test_resolve_path_falls_back_to_the_repo_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    found = data.resolve_path("configs/study/demo.yaml", "config", "fix it")
+    found = resolve_path("configs/study/demo.yaml", "config", "fix it")
     assert found.is_file() and found.is_absolute()
     with pytest.raises(EmsynthError, match="not found"):
-        data.resolve_path("configs/none.yaml", "config", "fix it")
+        resolve_path("configs/none.yaml", "config", "fix it")
 
 
 def test_phantom_source_is_deterministic():

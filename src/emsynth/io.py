@@ -1,7 +1,8 @@
 """Atomic file writing: write to a temporary file beside the target, then rename.
 
 A crash or a kill never leaves a half-written output under the final name. Also `plain`, the
-one converter of values to what JSON (and safe checkpoint loading) accepts.
+one converter of values to what JSON (and safe checkpoint loading) accepts, and
+`resolve_path`, which finds a config-relative path from the working directory or the checkout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from emsynth.errors import input_error
 
 
 def _current_umask() -> int:
@@ -67,3 +70,23 @@ def plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+def repo_root() -> Path | None:
+    """The source checkout holding this package (None for an installed package)."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def resolve_path(path: str | Path, what: str, fix: str) -> Path:
+    """A relative path from the working directory, else from the repository root."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        found = path
+    else:
+        root = repo_root()
+        found = root / path if root is not None and (root / path).exists() else path
+    if not found.exists():
+        raise input_error(path, f"{what} not found (looked in the working directory and the "
+                          "repository root)", fix)
+    return found

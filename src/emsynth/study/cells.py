@@ -32,7 +32,7 @@ from emsynth.engine.config import EngineConfig
 from emsynth.engine.device import resolve_device, resolve_precision
 from emsynth.errors import EmsynthError, input_error
 from emsynth.gan.config import GanConfig
-from emsynth.io import atomic_path
+from emsynth.io import atomic_path, resolve_path
 from emsynth.segment.config import SegmentConfig
 from emsynth.segment.infer import predict_with
 from emsynth.segment.metrics import score_volume
@@ -46,7 +46,6 @@ from emsynth.segment.sampling import (
 )
 from emsynth.segment.task import SegmentTask
 from emsynth.segment.train import FINAL_METRICS, fit_task
-from emsynth.study import data as study_data
 from emsynth.study.cache import Cell, hash_arrays
 from emsynth.study.config import StudyConfig
 from emsynth.study.layout import (
@@ -107,7 +106,7 @@ def train_membrane_model(cell: Cell, config_path: Path) -> dict[str, Any]:
 
     cfg = load_config(MembraneConfig, config_path)
     if cfg.data.phantom is None:  # its data path is relative to the repo, like ours
-        path = study_data.resolve_path(cfg.data.path, "membrane training data",
+        path = resolve_path(cfg.data.path, "membrane training data",
                                        f"fix data.path in {config_path}")
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(path)})})
     result = train_membranes(cfg, cell.dir / MEMBRANE_RUN)

@@ -25,6 +25,7 @@ from emsynth.data.phantom.config import PhantomConfig
 from emsynth.data.slices import DEFAULT_GAP
 from emsynth.errors import EmsynthError
 from emsynth.gan.config import GanConfig, GanDataConfig
+from emsynth.io import resolve_path
 from emsynth.segment.config import (
     DataConfig,
     ElasticSigma,
@@ -243,7 +244,6 @@ def resolve_gan_preset(section: dict[str, Any]) -> dict[str, Any]:
     own first so its errors name the file) and the section's other keys on top, section by
     section: `engine: {steps: 500}` changes one key of the preset's engine; a key's value is
     replaced whole (`loss: {class_l1_weights: {}}` clears the preset's class weights)."""
-    from emsynth.study.data import resolve_path  # study.data imports this module
 
     section = dict(section)
     preset = section.pop("preset")

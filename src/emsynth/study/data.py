@@ -6,40 +6,19 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-import emsynth
 from emsynth.data.readers import read_volume
 from emsynth.data.slices import split_blocks
 from emsynth.data.volume import MITO, Volume
 from emsynth.errors import EmsynthError, input_error
+from emsynth.io import resolve_path
 from emsynth.study.cache import hash_arrays
 from emsynth.study.config import RegimeConfig, SourceConfig, StudyConfig
 
 #: Random crop positions tried per slice before keeping the one with most mitochondria.
 CROP_TRIES = 100
-
-
-def repo_root() -> Path | None:
-    """The source checkout holding this package (None for an installed package)."""
-    root = Path(emsynth.__file__).resolve().parents[2]
-    return root if (root / "pyproject.toml").is_file() else None
-
-
-def resolve_path(path: str | Path, what: str, fix: str) -> Path:
-    """A relative path from the working directory, else from the repository root."""
-    path = Path(path).expanduser()
-    if path.is_absolute() or path.exists():
-        found = path
-    else:
-        root = repo_root()
-        found = root / path if root is not None and (root / path).exists() else path
-    if not found.exists():
-        raise input_error(path, f"{what} not found (looked in the working directory and the "
-                          "repository root)", fix)
-    return found
 
 
 @dataclass

@@ -35,7 +35,7 @@ from emsynth.engine.device import (
 from emsynth.engine.progress import format_duration
 from emsynth.errors import EmsynthError
 from emsynth.gan.config import GanConfig
-from emsynth.io import atomic_write_text, plain
+from emsynth.io import atomic_write_text, plain, resolve_path
 from emsynth.segment.sampling import IMAGE, segment_data
 from emsynth.study import cells
 from emsynth.study import data as study_data
@@ -167,18 +167,18 @@ def _membrane_setup(state: StudyState, planned: list[Planned]) -> None:
             )
         return
     if m.source == "folder":
-        folder = study_data.resolve_path(m.folder, "membranes.folder",
+        folder = resolve_path(m.folder, "membranes.folder",
                                          "pass a slice folder with membranes/")
         labels = cells.folder_membranes(folder, state.source.volume)
         state.source.volume.labels[MEMBRANE] = labels
         state.membrane_identity = {"folder": hash_arrays(labels)}
         return
     if m.model_dir is not None:
-        model_dir = study_data.resolve_path(m.model_dir, "membranes.model_dir",
+        model_dir = resolve_path(m.model_dir, "membranes.model_dir",
                                             "pass the run folder of emsynth membranes train")
         model_key = hash_files(cells.membrane_model_files(model_dir))
     else:
-        config_path = study_data.resolve_path(m.train_config, "membranes.train_config",
+        config_path = resolve_path(m.train_config, "membranes.train_config",
                                               "pass a YAML file from configs/membranes/")
         from emsynth.config import load_config
         from emsynth.membranes.config import MembraneConfig
