@@ -18,6 +18,7 @@ Model-agnostic, so each stage keeps only what is its own (the network call):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -104,6 +105,23 @@ def read_padded(read: Callable[[slice, slice], np.ndarray], ys: tuple[int, int],
 
 #: A window function: windows (B, C, wy, wx) and their keys (z, ky, kx) -> outputs (B, wy, wx).
 WindowFn = Callable[[np.ndarray, list[tuple[int, int, int]]], np.ndarray]
+
+
+@functools.lru_cache(maxsize=16)
+def importance_map(window: tuple[int, int], blend: str) -> np.ndarray:
+    """MONAI's blending weights for one window (gaussian, sigma 0.125 of the side, or constant).
+
+    Cached and read-only: every block of a run blends with the same map, and building a
+    gaussian one costs about as much as a 256 x 256 window's forward pass."""
+    from monai.data.utils import compute_importance_map
+
+    weights = compute_importance_map(window, mode=blend, sigma_scale=0.125, device="cpu")
+    weights = weights.float()
+    nonzero = weights[weights > 0]
+    weights = weights.clamp(min=float(nonzero.min()) if nonzero.numel() else 1e-3)
+    weights = weights.numpy()
+    weights.flags.writeable = False
+    return weights
 
 
 def blend_windows(

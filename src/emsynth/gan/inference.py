@@ -44,6 +44,7 @@ from emsynth.data.blocks import (
     BlockJob,
     blend_windows,
     grid_axes,
+    importance_map,
     open_output,
     owned,
     resolve,
@@ -161,7 +162,6 @@ def synthesize_tiles(
     """Synthetic values (z, h, w) float32 in [-1, 1] of out_y x out_x in slices of `size`,
     from the tiles touching it; read(ys, xs): encoded masks (z, C, ys, xs) of slices z0, ...
     Call in eval/inference mode (`synthesis_mode`); safe from several threads at once."""
-    from emsynth.segment.blockwise import importance_map
 
     axes = grid_axes(size[0], size[1], (tiling.tile, tiling.tile), tiling.overlap)
     weights = importance_map((tiling.tile, tiling.tile), tiling.blend)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import functools
 import itertools
 import threading
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ from emsynth.data.blocks import (
     assemble,
     blend_windows,
     grid_axes,
+    importance_map,
     open_output,
     owned,
     resolve,
@@ -46,23 +46,6 @@ from emsynth.data.blocks import (
 )
 
 PROB_NAME = "prob"
-
-
-@functools.lru_cache(maxsize=16)
-def importance_map(window: tuple[int, int], blend: str) -> np.ndarray:
-    """MONAI's blending weights for one window (gaussian, sigma 0.125 of the side, or constant).
-
-    Cached and read-only: every block of a run blends with the same map, and building a
-    gaussian one costs about as much as a 256 x 256 window's forward pass."""
-    from monai.data.utils import compute_importance_map
-
-    weights = compute_importance_map(window, mode=blend, sigma_scale=0.125, device="cpu")
-    weights = weights.float()
-    nonzero = weights[weights > 0]
-    weights = torch.clamp(weights, min=float(nonzero.min()) if nonzero.numel() else 1e-3)
-    weights = weights.numpy()
-    weights.flags.writeable = False
-    return weights
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
