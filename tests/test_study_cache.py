@@ -116,3 +116,42 @@ def test_cell_life_cycle(tmp_path):
     assert not cell.done
     cell.clear()
     assert not cell.dir.exists()
+
+
+def test_cell_lock_is_exclusive_and_taken_over_from_a_gone_process(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from emsynth.study.cache import LOCK_STALE_S
+
+    cell, same = Cell(tmp_path, _spec()), Cell(tmp_path, _spec())
+    assert cell.try_lock()
+    assert not same.try_lock()          # held by a live process (this one)
+    assert not same.held_elsewhere()    # ... which is not "elsewhere" for this process
+    cell.unlock()
+    assert same.try_lock()
+    same.unlock()
+
+    # A lock of another live process on this host is honoured ...
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        cell.lock_path.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        assert cell.held_elsewhere() and not cell.try_lock()
+        # ... until it is not refreshed for LOCK_STALE_S (the holder's machine died) ...
+        old = time.time() - LOCK_STALE_S - 1
+        os.utime(cell.lock_path, (old, old))
+        assert not cell.held_elsewhere() and cell.try_lock()
+        assert json.loads(cell.lock_path.read_text())["pid"] == os.getpid()
+        cell.unlock()
+        # ... or its process is gone.
+        cell.lock_path.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        assert cell.held_elsewhere()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not cell.held_elsewhere() and cell.try_lock()
+    cell.unlock()
+    assert not cell.lock_path.exists()

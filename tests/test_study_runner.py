@@ -342,3 +342,57 @@ def test_a_segmenter_cell_goes_through_fit_task_and_never_opens_the_test_block(
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert thresholds[0] == thresholds[1]
+
+
+def test_a_cell_held_by_another_process_is_skipped_then_waited_for(tmp_path, calls, monkeypatch):
+    """Cells another process holds are left to it: this process runs every other ready cell,
+    waits, and takes the held cell over once its holder is gone."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    cfg = StudyConfig.model_validate(tiny_config(seeds=[0]))
+    study = tmp_path / "study"
+    planned = runner.plan_cells(cfg, study)
+    held = planned[0].cell  # crop32's segmenter; its evaluation waits on it
+    held.dir.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    held.lock_path.write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+    monkeypatch.setattr(runner, "POLL_S", 0.05)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(index=runner.run_study(cfg, study)))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not planned[3].cell.done and time.monotonic() < deadline:  # 2slices' evaluation
+            time.sleep(0.1)
+        assert planned[3].cell.done and planned[2].cell.done
+        assert not held.done and not planned[1].cell.done and thread.is_alive()
+        assert calls == {"segment": 1, "eval": 1}
+    finally:
+        sleeper.kill()  # the holder dies: its lock goes stale
+        sleeper.wait()
+    thread.join(120)
+    assert outcome["index"]["status"] == "finished"
+    assert calls == {"segment": 2, "eval": 2}
+    assert held.record()["attempts"] == 1 and not held.lock_path.exists()
+
+
+def test_cli_workers_share_one_study(tmp_path):
+    """`study run --workers 2`: a helper process takes cells beside this one; every cell runs
+    exactly once and the index ends finished."""
+    config = write_config(tmp_path, tiny_config())
+    study = tmp_path / "study"
+    result = CliRunner().invoke(app, ["study", "run", str(config), "-o", str(study),
+                                      "--workers", "2", "--no-report"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((study / "study.json").read_text())
+    assert index["status"] == "finished" and all(c["done"] for c in index["cells"])
+    records = [json.loads((study / "cells" / c["name"] / "cell.json").read_text())
+               for c in index["cells"]]
+    assert all(r["attempts"] == 1 for r in records)
+    assert not list(study.glob("cells/*/lock.json"))
+    assert (study / "logs" / "worker-2.log").is_file()
+    assert "2 workers x 1 torch thread(s)" in result.output

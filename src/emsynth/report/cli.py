@@ -71,13 +71,22 @@ def run_cmd(
     report: Annotated[
         bool, typer.Option("--report/--no-report", help="Write the report at the end.")
     ] = True,
+    workers: Annotated[
+        int,
+        typer.Option("--workers", "-j", min=1,
+                     help="Processes that share the cells (each with cores/N torch threads "
+                     "unless num_threads is set); helpers log to STUDY_DIR/logs/."),
+    ] = 1,
+    worker_of: Annotated[int, typer.Option("--worker-of", hidden=True)] = 1,
 ) -> None:
     """Run every cell of the study that is not finished yet, then write the report.
 
     Cells (GAN + synthesis per regime and seed, or one GAN per regime shared by its seeds with
     share_gan; a segmenter and a test evaluation per condition) are cached under the study folder by the hash of their config and inputs:
     rerunning the same command skips finished cells, and after a crash or Ctrl-C continues
-    the interrupted one from its last checkpoint.
+    the interrupted one from its last checkpoint. With --workers N, N processes take cells in
+    parallel (a cell runs in one process; cells wait for their inputs); two studies or two
+    commands may also share one folder.
     """
     from emsynth.config import load_config
     from emsynth.study.config import StudyConfig
@@ -91,7 +100,12 @@ def run_cmd(
                   f"test.mask_dir={json.dumps(test_mask_dir)}", "test.phantom=null"]
     cfg = load_config(StudyConfig, config, extra)
     folder = study_dir or Path("runs") / "study" / config.stem
-    run_study(cfg, folder, resume=resume, console=console)
+    if workers > 1:
+        from emsynth.study.workers import run_with_workers
+
+        run_with_workers(cfg, config, extra, folder, workers, resume, console)
+    else:
+        run_study(cfg, folder, resume=resume, console=console, workers=worker_of)
     if report:
         _print_report(folder, Console())
 

@@ -6,13 +6,20 @@ format version, its settings and the keys (or content hashes) of its inputs; a c
 upstream therefore changes every key downstream. A cell is finished when its `done.json`
 exists: results are written atomically first and the marker last, so a crash leaves at most
 the cell in flight unfinished (and its engine checkpoints let the re-run continue it).
+
+A cell being run holds `lock.json` (created exclusively, its mtime refreshed while the work
+runs), so several `study run` processes can share one study folder: each takes the next cell
+nobody holds. A lock whose process is gone (same host) or that has not been refreshed for
+LOCK_STALE_S (a crashed machine) is taken over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +33,15 @@ from emsynth.io import atomic_write_text, plain
 from emsynth.study.layout import (
     CELLS_DIR,
     DONE,
+    LOCK,
     RECORD,
     RESULT,
 )
+
+#: A lock not refreshed for this long belongs to a process that is gone (refreshed every
+#: LOCK_REFRESH_S while its cell runs).
+LOCK_STALE_S = 300.0
+LOCK_REFRESH_S = 30.0
 
 
 def canonical_json(value: Any) -> str:
@@ -112,6 +125,66 @@ class Cell:
         except (OSError, ValueError):
             return None
 
+    # --- who runs the cell ---------------------------------------------------------------
+
+    @property
+    def lock_path(self) -> Path:
+        return self.dir / LOCK
+
+    def try_lock(self) -> bool:
+        """Take the cell for this process; False when another live process holds it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._lock_is_stale():
+                    return False
+                self.lock_path.unlink(missing_ok=True)  # its holder is gone: take it over
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": runinfo.now_iso()}, handle)
+            return True
+        return False
+
+    def held_elsewhere(self) -> bool:
+        """Whether another live process runs this cell now."""
+        if not self.lock_path.exists():
+            return False
+        holder = self._lock_holder()
+        if holder is not None and holder.get("pid") == os.getpid() \
+                and holder.get("host") == socket.gethostname():
+            return False
+        return not self._lock_is_stale()
+
+    def refresh_lock(self) -> None:
+        try:
+            os.utime(self.lock_path)
+        except OSError:
+            pass
+
+    def unlock(self) -> None:
+        self.lock_path.unlink(missing_ok=True)
+
+    def _lock_holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.lock_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _lock_is_stale(self) -> bool:
+        try:
+            age = time.time() - self.lock_path.stat().st_mtime
+        except OSError:
+            return True  # gone meanwhile
+        if age > LOCK_STALE_S:
+            return True
+        holder = self._lock_holder()
+        if holder is None or holder.get("host") != socket.gethostname():
+            return False  # being written, or held on another machine that refreshes it
+        return not _pid_alive(int(holder.get("pid", -1)))
+
     def drop_checkpoints(self) -> None:
         """Delete the training checkpoints of a finished cell: its exported model is what later
         cells use, and a GPU-sized study would otherwise keep tens of GB of optimiser state."""
@@ -159,3 +232,15 @@ class Cell:
 
     def _write_record(self, record: dict[str, Any]) -> None:
         atomic_write_text(self.dir / RECORD, json.dumps(plain(record), indent=2) + "\n")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True

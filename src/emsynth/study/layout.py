@@ -6,7 +6,9 @@ names from here, so the report needs none of the study's internals.
     STUDY_DIR/study.yaml        the resolved config
     STUDY_DIR/previews/         real_<regime>.npz preview crops
     STUDY_DIR/cells/<name>/     cell.json (record), result.json, done.json, preview*.npz
-                                (a GAN cell: one preview per mask layout, `layout_preview`)
+                                (a GAN cell: one preview per mask layout, `layout_preview`),
+                                lock.json while a process runs it
+    STUDY_DIR/logs/worker-<k>.log  the output of `study run --workers N`'s helper processes
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ CELLS_DIR = "cells"
 STUDY_JSON = "study.json"
 STUDY_YAML = "study.yaml"
 PREVIEWS_DIR = "previews"
+LOGS_DIR = "logs"
 FORMAT = "emsynth-study-1"
 RECORD = "cell.json"
 RESULT = "result.json"
 DONE = "done.json"
+LOCK = "lock.json"
 PREVIEW = "preview.npz"
 #: The GAN cell's real training data as the GAN saw it (with predicted membranes, if any).
 REAL_PREVIEW = "preview_real.npz"

@@ -6,12 +6,18 @@ are the outer loop, so a study stopped early holds complete replicates. With sha
 whose real data is the same for every seed gets one `gan-model` cell (planned with the first
 seed) and each seed's GAN cell only synthesises from it. The plan and every cell's key go to
 `study.json` (what the report reads); cells live in `cells/<kind>-<key>/`.
+
+Several processes may run one study folder at once (`study run --workers N` starts them): each
+takes, in plan order, the first unfinished cell whose inputs are done and that no other process
+holds (Cell.try_lock), and waits when every remaining cell is held or waits on a held one.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +46,7 @@ from emsynth.segment.sampling import IMAGE, segment_data
 from emsynth.study import cells
 from emsynth.study import data as study_data
 from emsynth.study.cache import (
+    LOCK_REFRESH_S,
     Cell,
     CellSpec,
     canonical_json,
@@ -72,6 +79,10 @@ class Planned:
     cell: Cell
     work: Callable[[], dict[str, Any]]
     budget_s: float | None = None  # the engine's max_time, for the ETA before any timing
+    deps: tuple[Cell, ...] = ()    # cells whose results the work reads
+
+    def ready(self) -> bool:
+        return all(dep.done for dep in self.deps)
 
 
 @dataclass
@@ -87,6 +98,7 @@ class StudyState:
     test_description: str
     membrane_identity: dict[str, Any] | None = None
     membrane_model_dir: Path | None = None
+    membrane_cell: Cell | None = None  # when the study trains its membrane model
     membrane_cache: Path | None = None
     selections: dict[tuple[str, int], study_data.Selection] = field(default_factory=dict)
     #: Regimes whose seeds share one GAN (share_gan and the same real data for every seed).
@@ -104,8 +116,9 @@ class StudyProgress:
     budget (max_time); evaluation cells without a timing yet count as nothing.
     """
 
-    def __init__(self, planned: list[Planned], console: Console):
+    def __init__(self, planned: list[Planned], console: Console, workers: int = 1):
         self.console = console
+        self.workers = max(1, workers)  # processes sharing the remaining cells
         self.planned = planned
         self.durations: dict[str, list[float]] = {}
         for item in planned:
@@ -127,7 +140,7 @@ class StudyProgress:
         return item.budget_s or 0.0
 
     def eta(self, remaining: list[Planned]) -> float:
-        return float(sum(self.estimate(item) for item in remaining))
+        return float(sum(self.estimate(item) for item in remaining)) / self.workers
 
     def show(self, status: str, remaining: list[Planned]) -> None:
         self.progress.update(self.task, completed=self.done,
@@ -190,6 +203,7 @@ def _membrane_setup(state: StudyState, planned: list[Planned]) -> None:
         cell = Cell(state.study_dir, spec)
         planned.append(Planned(cell, lambda: cells.train_membrane_model(cell, config_path),
                                membrane_cfg.engine.max_time))
+        state.membrane_cell = cell
         model_dir = cell.dir / cells.MEMBRANE_RUN
         model_key = spec.key
     state.membrane_model_dir = model_dir
@@ -282,6 +296,7 @@ def plan_study(state: StudyState) -> list[Planned]:
         return val_cache["val"]
 
     with_membranes = MEMBRANE in cfg.gan.data.channels
+    membrane_deps = (state.membrane_cell,) if state.membrane_cell is not None else ()
     eval_precision = resolve_precision(cfg.segment.engine.precision,
                                        cells.inference_device(cfg.segment.engine))
     for seed in cfg.seeds:
@@ -324,7 +339,8 @@ def plan_study(state: StudyState) -> list[Planned]:
                             real_data = _regime_volume(state, regime, seed, with_membranes)
                             return cells.run_gan_model(cell, gan_cfg, real_data)
 
-                        planned.append(Planned(model, model_work, gan_cfg.engine.max_time))
+                        planned.append(Planned(model, model_work, gan_cfg.engine.max_time,
+                                               membrane_deps))
                     # The shared GAN's key stands for its recipe and data.
                     del settings["gan"]
                     inputs["gan_model"] = model.spec.key
@@ -339,7 +355,8 @@ def plan_study(state: StudyState) -> list[Planned]:
                                          cells.inference_device(cfg.gan.engine), layouts,
                                          gan_cfg, model)
 
-                planned.append(Planned(gan_cell, gan_work, budget))
+                planned.append(Planned(gan_cell, gan_work, budget,
+                                       membrane_deps + ((model,) if model else ())))
 
             seg_settings = cells.segment_config(cfg, seed, regime.steps).model_dump(
                 mode="json", exclude={"data"})
@@ -388,7 +405,8 @@ def plan_study(state: StudyState) -> list[Planned]:
                                              val_data(), steps=regime.steps,
                                              strategy=strategy, share=share)
 
-                planned.append(Planned(seg_cell, seg_work, cfg.segment.engine.max_time))
+                planned.append(Planned(seg_cell, seg_work, cfg.segment.engine.max_time,
+                                       (gan_cell,) if condition != REAL else ()))
                 eval_cell = Cell(study_dir, CellSpec(
                     "eval", CELL_VERSIONS["eval"], {"precision": eval_precision},
                     {"segmenter": seg_cell.spec.key, "test": state.test_key}, seg_labels))
@@ -398,7 +416,7 @@ def plan_study(state: StudyState) -> list[Planned]:
                                           cells.inference_device(cfg.segment.engine),
                                           eval_precision)
 
-                planned.append(Planned(eval_cell, eval_work))
+                planned.append(Planned(eval_cell, eval_work, deps=(seg_cell,)))
     return planned
 
 
@@ -478,13 +496,62 @@ def prepare(cfg: StudyConfig, study_dir: Path) -> StudyState:
 
 
 def run_study(cfg: StudyConfig, study_dir: str | Path, resume: bool = True,
-              console: Console | None = None) -> dict[str, Any]:
-    """Run every unfinished cell; returns the study index (study.json)."""
+              console: Console | None = None, workers: int = 1) -> dict[str, Any]:
+    """Run every unfinished cell; returns the study index (study.json). `workers`: how many
+    processes share this study folder now (for the ETA; each process takes its own cells)."""
     with torch_threads(cfg.num_threads):
-        return _run(cfg, Path(study_dir), resume, console or wide_console())
+        return _run(cfg, Path(study_dir), resume, console or wide_console(), workers)
 
 
-def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console) -> dict[str, Any]:
+def clear_study(cfg: StudyConfig, study_dir: str | Path) -> None:
+    """Forget every cell of this config (--no-resume), before any worker starts."""
+    state = prepare(cfg, Path(study_dir))
+    for item in plan_study(state):
+        item.cell.clear()
+    if state.membrane_cache is not None:
+        shutil.rmtree(state.membrane_cache, ignore_errors=True)
+
+
+#: How often a process with nothing to take looks again for a cell another one finished.
+POLL_S = 10.0
+
+
+class LockRefresher:
+    """Refreshes the lock of the cell in flight from a background thread, so other processes
+    see its holder is alive even during a cell of hours."""
+
+    def __init__(self, cell: Cell):
+        self.cell, self.stop = cell, threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(LOCK_REFRESH_S):
+            self.cell.refresh_lock()
+
+    def __enter__(self) -> None:
+        self.thread.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.cell.unlock()
+
+
+def take_next(pending: list[Planned]) -> Planned | None:
+    """The first pending cell whose inputs are done and that this process could lock."""
+    for item in pending:
+        if item.cell.done or not item.ready():
+            continue
+        if item.cell.try_lock():
+            if item.cell.done:  # finished elsewhere since the check above
+                item.cell.unlock()
+                continue
+            return item
+    return None
+
+
+def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console,
+         workers: int = 1) -> dict[str, Any]:
     study_dir.mkdir(parents=True, exist_ok=True)
     started_at = runinfo.now_iso()
     state = prepare(cfg, study_dir)
@@ -496,32 +563,57 @@ def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console) -> d
             shutil.rmtree(state.membrane_cache, ignore_errors=True)
     write_index(state, planned, "running", started_at)
     write_real_previews(state)
-    progress = StudyProgress(planned, console)
+    progress = StudyProgress(planned, console, workers)
     cached = [p for p in planned if p.cell.done]
     for item in cached:
         progress.finished(item, None)
     if cached:
         console.print(f"{len(cached)} of {len(planned)} cells already done (skipped)")
-    todo = [p for p in planned if not p.cell.done]
-    for position, item in enumerate(todo):
-        progress.show(f"running {describe(item.cell.spec)}", todo[position:])
-        record = item.cell.start()
-        try:
-            result = item.work()
-        except KeyboardInterrupt as err:  # outside training (which stops cleanly by itself)
-            item.cell.fail(record, err)
-            write_index(state, planned, "interrupted", started_at)
-            raise cells.StudyInterrupted(
-                f"{item.cell.dir}: interrupted. Fix: rerun the same command to resume; "
-                "finished cells are kept") from None
-        except BaseException as err:
-            item.cell.fail(record, err)
-            write_index(state, planned, "failed", started_at)
-            raise
-        duration = item.cell.finish(record, result)
+    pending = [p for p in planned if not p.cell.done]
+    waiting = False
+    while pending:
+        item = take_next(pending)
+        if item is None:
+            finished_elsewhere = [p for p in pending if p.cell.done]
+            for done in finished_elsewhere:
+                progress.finished(done, None)
+            pending = [p for p in pending if not p.cell.done]
+            if not pending:
+                break
+            if not any(p.cell.held_elsewhere() for p in pending):
+                # Nothing held and nothing ready can only mean an input failed elsewhere and
+                # was released: it is ready again on the next pass.
+                if not any(p.ready() for p in pending):
+                    raise EmsynthError(f"{study_dir}: cells wait on inputs that no process "
+                                       "runs. Fix: rerun the same command")
+                continue
+            if not waiting:
+                progress.show("waiting for cells another process runs", pending)
+                waiting = True
+            time.sleep(POLL_S)
+            continue
+        waiting = False
+        pending.remove(item)
+        progress.show(f"running {describe(item.cell.spec)}", [item, *pending])
+        with LockRefresher(item.cell):
+            record = item.cell.start()
+            try:
+                result = item.work()
+            except KeyboardInterrupt as err:  # outside training (which stops cleanly itself)
+                item.cell.fail(record, err)
+                write_index(state, planned, "interrupted", started_at)
+                raise cells.StudyInterrupted(
+                    f"{item.cell.dir}: interrupted. Fix: rerun the same command to resume; "
+                    "finished cells are kept") from None
+            except BaseException as err:
+                item.cell.fail(record, err)
+                write_index(state, planned, "failed", started_at)
+                raise
+            duration = item.cell.finish(record, result)
         item.cell.drop_checkpoints()
         progress.finished(item, duration)
         console.print(f"[green]done[/] {describe(item.cell.spec)} in "
                       f"{format_duration(duration)}", highlight=False)
     progress.show("finished", [])
-    return write_index(state, planned, "finished", started_at)
+    status = "finished" if all(p.cell.done for p in planned) else "running"
+    return write_index(state, planned, status, started_at)
