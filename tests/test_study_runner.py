@@ -396,3 +396,55 @@ def test_cli_workers_share_one_study(tmp_path):
     assert not list(study.glob("cells/*/lock.json"))
     assert (study / "logs" / "worker-2.log").is_file()
     assert "2 workers x 1 torch thread(s)" in result.output
+
+
+def test_a_regime_with_real_only_plans_no_gan(tmp_path):
+    """regimes[].conditions: a reference regime trains real-only segmenters and no GAN, while
+    the others keep every condition."""
+    data = tiny_config(conditions=["real", "synthetic"], seeds=[0])
+    data["regimes"] = [{"name": "1slice", "slices": 1},
+                       {"name": "all", "slices": "all", "conditions": ["real"]}]
+    cfg = StudyConfig.model_validate(data)
+    planned = runner.plan_cells(cfg, tmp_path / "study")
+    by_regime = {}
+    for item in planned:
+        spec = item.cell.spec
+        by_regime.setdefault(spec.labels["regime"], []).append(
+            (spec.kind, spec.labels.get("condition")))
+    assert by_regime["1slice"] == [("gan", None), ("segment", "real"), ("eval", "real"),
+                                   ("segment", "synthetic"), ("eval", "synthetic")]
+    assert by_regime["all"] == [("segment", "real"), ("eval", "real")]
+    # The real-only cells of 1slice are the same cells with or without the reference regime.
+    alone = StudyConfig.model_validate({**data, "regimes": data["regimes"][:1]})
+    keys = {p.cell.spec.key for p in runner.plan_cells(alone, tmp_path / "other")}
+    assert keys <= {p.cell.spec.key for p in planned}
+
+    data["regimes"][1]["conditions"] = ["real+synthetic"]
+    with pytest.raises(ValueError, match="'all' lists 'real\\+synthetic'"):
+        StudyConfig.model_validate(data)
+
+
+def test_regime_seeds_are_a_subset_of_the_studys(tmp_path):
+    data = tiny_config(seeds=[0, 1, 2])
+    data["regimes"][1]["seeds"] = [0, 2]
+    cfg = StudyConfig.model_validate(data)
+    planned = runner.plan_cells(cfg, tmp_path / "study")
+    seeds = {}
+    for item in planned:
+        seeds.setdefault(item.cell.spec.labels["regime"], set()).add(item.cell.spec.labels["seed"])
+    assert seeds == {"crop32": {0, 1, 2}, "2slices": {0, 2}}
+    data["regimes"][1]["seeds"] = [3]
+    with pytest.raises(ValueError, match="'2slices' lists seed 3"):
+        StudyConfig.model_validate(data)
+
+
+def test_kinds_runs_only_those_cells(tmp_path, calls):
+    cfg = StudyConfig.model_validate(tiny_config(seeds=[0]))
+    study = tmp_path / "study"
+    index = runner.run_study(cfg, study, kinds=["segment"])
+    assert calls == {"segment": 2, "eval": 0} and index["status"] == "running"
+    assert [c["done"] for c in index["cells"]] == [True, False, True, False]
+    with pytest.raises(EmsynthError, match="--kinds evaluation: no such kind"):
+        runner.run_study(cfg, study, kinds=["evaluation"])
+    assert runner.run_study(cfg, study)["status"] == "finished"
+    assert calls == {"segment": 2, "eval": 2}

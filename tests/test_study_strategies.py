@@ -271,3 +271,58 @@ def test_the_default_gap_leaves_study_cells_and_old_runs_as_they_were(tmp_path):
     assert gan.settings["gan"] == cfg.gan_config().model_dump(
         mode="json", exclude={"data": {"val_gap"}})
     assert DataConfig().val_gap == 5 and cells.segment_config(cfg, 0).data == DataConfig(val_gap=0)
+
+
+def test_batchnorm_is_reestimated_on_real_crops_only(data):
+    """reestimate_batchnorm: running statistics become the average over the given crops
+    (one batch: its mean and unbiased variance), weights, momentum and mode untouched."""
+    from emsynth.segment.batchnorm import reestimate_batchnorm
+    from emsynth.segment.model import to_float
+
+    real, _, _ = data
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    bn = net[1]
+    bn.running_mean.fill_(9.0)
+    bn.running_var.fill_(9.0)
+    net.eval()
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k
+               and "num_batches" not in k}
+    sampler = PatchSampler(real, 32, 0.3)
+    assert reestimate_batchnorm(net, sampler, 1, 4, torch.device("cpu"), seed=5) == 1
+    inputs, _ = sampler.sample(np.random.default_rng(5), 4)  # the same crops again
+    with torch.no_grad():
+        features = net[0](to_float(torch.from_numpy(inputs)))
+    expected_mean = features.mean(dim=(0, 2, 3))
+    expected_var = features.var(dim=(0, 2, 3), unbiased=True)
+    assert torch.allclose(bn.running_mean, expected_mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, expected_var, rtol=1e-4)
+    assert not net.training and bn.momentum == 0.1
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_real_bn_stats_rescores_a_mixed_segmenter_after_reestimation(tmp_path, data):
+    """mix.real_bn_stats: the real+synthetic segmenter's exported BatchNorm statistics are its
+    real crops' (not the blend it trained on), and the scores before are kept."""
+    real, synthetic, val = data
+    model = {**unet_micro(), "norm": "batch"}
+    base = config(mix={"strategy": "replace", "synthetic_share": 0.5})
+    base = base.model_copy(update={"segment": base.segment.model_copy(update={
+        "model": base.segment.model.model_copy(update=model)})})
+    with_real = base.model_copy(update={"mix": base.mix.model_copy(
+        update={"real_bn_stats": True})})
+    blended = cells.run_segment(cell(tmp_path, "blend"), base, "real+synthetic", 0, real,
+                                synthetic, val, steps=3)
+    rescored = cells.run_segment(cell(tmp_path, "real-bn"), with_real, "real+synthetic", 0,
+                                 real, synthetic, val, steps=3)
+    assert "before_bn/fg_iou" not in blended["validation"]
+    # Same seed, same training: the first scores equal the blend's, the weights are equal, and
+    # only the BatchNorm statistics differ.
+    assert rescored["validation"]["before_bn/fg_iou"] == pytest.approx(
+        blended["validation"]["fg_iou"])
+    a = Segmenter.load(cell(tmp_path, "blend").dir / "model").net.state_dict()
+    b = Segmenter.load(cell(tmp_path, "real-bn").dir / "model").net.state_dict()
+    stats = [k for k in a if k.endswith("running_mean")]
+    assert stats and all(not torch.allclose(a[k], b[k]) for k in stats)
+    assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k
+               and "num_batches" not in k)

@@ -77,6 +77,12 @@ def run_cmd(
                      help="Processes that share the cells (each with cores/N torch threads "
                      "unless num_threads is set); helpers log to STUDY_DIR/logs/."),
     ] = 1,
+    kinds: Annotated[
+        str | None,
+        typer.Option("--kinds", help="Run only these kinds of cell, comma-separated: "
+                     "membrane-model, gan-model, gan, segment, eval (e.g. the GANs first, on a "
+                     "GPU machine; the rest later). Cells wait for inputs of other kinds."),
+    ] = None,
     worker_of: Annotated[int, typer.Option("--worker-of", hidden=True)] = 1,
 ) -> None:
     """Run every cell of the study that is not finished yet, then write the report.
@@ -100,12 +106,13 @@ def run_cmd(
                   f"test.mask_dir={json.dumps(test_mask_dir)}", "test.phantom=null"]
     cfg = load_config(StudyConfig, config, extra)
     folder = study_dir or Path("runs") / "study" / config.stem
+    only = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else None
     if workers > 1:
         from emsynth.study.workers import run_with_workers
 
-        run_with_workers(cfg, config, extra, folder, workers, resume, console)
+        run_with_workers(cfg, config, extra, folder, workers, resume, console, only)
     else:
-        run_study(cfg, folder, resume=resume, console=console, workers=worker_of)
+        run_study(cfg, folder, resume=resume, console=console, workers=worker_of, kinds=only)
     if report:
         _print_report(folder, Console())
 

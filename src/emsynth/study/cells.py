@@ -33,6 +33,7 @@ from emsynth.engine.device import resolve_device, resolve_precision
 from emsynth.errors import EmsynthError, input_error
 from emsynth.gan.config import GanConfig
 from emsynth.io import atomic_path, resolve_path
+from emsynth.segment.batchnorm import batchnorm_layers, reestimate_batchnorm
 from emsynth.segment.config import SegmentConfig
 from emsynth.segment.infer import predict_with
 from emsynth.segment.metrics import score_volume
@@ -356,14 +357,30 @@ class StudySegmentTask(SegmentTask):
     fine-tuning) and checkpoints its sampler's state (AddSampler's batch counter)."""
 
     def __init__(self, cfg: SegmentConfig, train: SegmentData, val: SegmentData | None = None,
-                 init_state: dict[str, torch.Tensor] | None = None):
+                 init_state: dict[str, torch.Tensor] | None = None,
+                 bn_data: SegmentData | None = None):
         super().__init__(cfg, train, val)
         self.init_state = init_state
+        self.bn_data = bn_data  # mix.real_bn_stats: the real crops BatchNorm is re-estimated on
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
         if self.init_state is not None:  # a resumed checkpoint replaces these afterwards
             self.net.load_state_dict(self.init_state)
+
+    def validate(self, ctx) -> dict[str, float]:
+        """With bn_data: score once as trained, re-estimate BatchNorm on real crops, score
+        again (the threshold is chosen anew); the first scores are kept as before_bn/*."""
+        if self.bn_data is None or not batchnorm_layers(self.net):
+            return super().validate(ctx)
+        before = super().validate(ctx)
+        p = self.cfg.sampling
+        sampler = PatchSampler(self.bn_data, p.patch_size, p.foreground_fraction)
+        reestimate_batchnorm(self.net, sampler, BN_BATCHES, p.batch_size, ctx.device,
+                             seed=self.cfg.engine.seed, autocast=ctx.autocast)
+        after = super().validate(ctx)
+        return {**after, **{f"before_bn/{k}": v for k, v in before.items()
+                            if k in ("fg_iou", "fg_dice", "threshold")}}
 
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()
@@ -378,6 +395,8 @@ class StudySegmentTask(SegmentTask):
 
 
 PRETRAIN_RUN = "pretrain"
+#: Batches of real crops BatchNorm statistics are re-estimated on (mix.real_bn_stats).
+BN_BATCHES = 50
 
 
 def run_segment(cell: Cell, cfg: StudyConfig, condition: str, seed: int, real: SegmentData,
@@ -425,7 +444,8 @@ def run_segment(cell: Cell, cfg: StudyConfig, condition: str, seed: int, real: S
                              "validation": pre_record["final"],
                              "weights_key": state_key(init_state)}
     train = synthetic if condition == SYNTHETIC else real
-    task = StudySegmentTask(seg_cfg, train, val, init_state)
+    bn_data = real if condition == MIXED and cfg.mix.real_bn_stats else None
+    task = StudySegmentTask(seg_cfg, train, val, init_state, bn_data)
     if condition == MIXED and strategy == "replace":
         task.sampler = MixedSampler(
             [task.sampler, PatchSampler(synthetic, p.patch_size, p.foreground_fraction)],

@@ -109,6 +109,17 @@ class RegimeConfig(StrictModel):
         description="Training steps of this regime's GAN; None = gan.engine.steps. A GAN on one "
         "256 px crop sees the same image every step and needs far fewer than one on slices.",
     )
+    seeds: list[int] | None = Field(
+        None, min_length=1,
+        description="Seeds of this regime, a subset of the study's; None = all of them. E.g. "
+        "5 seeds where data is scarce and seeds vary most, 3 where each cell costs more.",
+    )
+    conditions: list[Condition] | None = Field(
+        None, min_length=1,
+        description="Conditions trained at this regime, a subset of the study's; None = all of "
+        "them. E.g. [real] for a regime that only gives real-only's reference (the gap to "
+        "close): it needs no GAN.",
+    )
     data_seed: int | None = Field(
         None, ge=0,
         description="Draw this regime's slices (and crops) with this seed for every study seed, "
@@ -224,6 +235,13 @@ class MixConfig(StrictModel):
     )
     pretrain_steps: int | None = Field(
         None, ge=1, description="pretrain: steps on synthetic images; None = the real-only steps."
+    )
+    real_bn_stats: bool = Field(
+        False,
+        description="Before a real+synthetic segmenter chooses its threshold and is scored, "
+        "re-estimate its BatchNorm statistics on un-augmented real training crops "
+        "(emsynth.segment.batchnorm), so it normalises as for the real images it is scored on; "
+        "False = the statistics of the real/synthetic blend it trained on.",
     )
 
 
@@ -347,11 +365,49 @@ class StudyConfig(StrictModel):
     @model_validator(mode="after")
     def _crops_fit_the_gan(self) -> StudyConfig:
         crop = self.gan.data.crop
-        small = [r.name for r in self.regimes if r.crop is not None and r.crop < crop]
-        if self.uses_synthetic and small:
+        small = [r.name for r in self.regimes if r.crop is not None and r.crop < crop
+                 and self.regime_uses_synthetic(r)]
+        if small:
             raise ValueError(f"regime {small[0]!r}: its crop is smaller than the GAN's "
                              f"{crop} px training crop (gan.data.crop); use crop >= {crop}")
         return self
+
+    @model_validator(mode="after")
+    def _regime_conditions(self) -> StudyConfig:
+        for regime in self.regimes:
+            if regime.conditions is None:
+                continue
+            extra = [c for c in regime.conditions if c not in self.conditions]
+            if extra or len(set(regime.conditions)) != len(regime.conditions):
+                what = repr(extra[0]) if extra else "a condition twice"
+                raise ValueError(f"regimes: {regime.name!r} lists {what}; its conditions are "
+                                 f"some of the study's ({', '.join(self.conditions)})")
+        return self
+
+    @model_validator(mode="after")
+    def _regime_seeds(self) -> StudyConfig:
+        for regime in self.regimes:
+            if regime.seeds is None:
+                continue
+            extra = [s for s in regime.seeds if s not in self.seeds]
+            if extra or len(set(regime.seeds)) != len(regime.seeds):
+                what = f"seed {extra[0]}" if extra else "a seed twice"
+                raise ValueError(f"regimes: {regime.name!r} lists {what}; its seeds are some of "
+                                 f"the study's ({', '.join(map(str, self.seeds))})")
+        return self
+
+    def regime_seeds(self, regime: RegimeConfig) -> list[int]:
+        """The seeds run at a regime, in the study's order."""
+        return [s for s in self.seeds if regime.seeds is None or s in regime.seeds]
+
+    def regime_conditions(self, regime: RegimeConfig) -> list[str]:
+        """The conditions trained at a regime, in the canonical order."""
+        wanted = regime.conditions or self.conditions
+        return [c for c in self.conditions if c in wanted]
+
+    def regime_uses_synthetic(self, regime: RegimeConfig) -> bool:
+        return any(c != REAL for c in self.regime_conditions(regime)) or bool(
+            self.ablation and regime.name in self.ablation.regimes)
 
     @model_validator(mode="after")
     def _ablation_regimes(self) -> StudyConfig:

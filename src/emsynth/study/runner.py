@@ -268,9 +268,10 @@ def shares_gan(state: StudyState, regime: RegimeConfig) -> bool:
     trained on one seed's data never serves a seed with other data: its images would carry
     annotation that seed does not have."""
     cfg = state.cfg
-    if not (cfg.share_gan and len(cfg.seeds) > 1):
+    seeds = cfg.regime_seeds(regime)
+    if not (cfg.share_gan and len(seeds) > 1):
         return False
-    drawn = [state.selections[(regime.name, seed)].as_dict() for seed in cfg.seeds]
+    drawn = [state.selections[(regime.name, seed)].as_dict() for seed in seeds]
     return all(d == drawn[0] for d in drawn)
 
 
@@ -301,12 +302,16 @@ def plan_study(state: StudyState) -> list[Planned]:
                                        cells.inference_device(cfg.segment.engine))
     for seed in cfg.seeds:
         for regime in cfg.regimes:
+            if seed not in cfg.regime_seeds(regime):
+                continue
             state.selections[(regime.name, seed)] = study_data.select(
                 regime, state.blocks.train, seed, volume.labels[MITO])
     state.shared_gans = {regime.name for regime in cfg.regimes if shares_gan(state, regime)}
     gan_models: dict[str, Cell] = {}
     for seed in cfg.seeds:
         for regime in cfg.regimes:
+            if seed not in cfg.regime_seeds(regime):
+                continue
             selection = state.selections[(regime.name, seed)]
             real = study_data.cut(volume, selection)
             real_key = hash_arrays(real.image, real.labels[MITO])
@@ -314,7 +319,7 @@ def plan_study(state: StudyState) -> list[Planned]:
 
             gan_cell = None
             layouts = cfg.layouts(regime.name)
-            if cfg.uses_synthetic:
+            if cfg.regime_uses_synthetic(regime):
                 gan_cfg = cfg.gan_config(regime)
                 inputs = {"real": real_key}
                 if with_membranes:
@@ -360,7 +365,7 @@ def plan_study(state: StudyState) -> list[Planned]:
 
             seg_settings = cells.segment_config(cfg, seed, regime.steps).model_dump(
                 mode="json", exclude={"data"})
-            variants = [(condition, None) for condition in cfg.conditions]
+            variants = [(condition, None) for condition in cfg.regime_conditions(regime)]
             if cfg.ablation is not None and regime.name in cfg.ablation.regimes:
                 a = cfg.ablation
                 variants += [(MIXED, (layout, strategy, a.synthetic_share))
@@ -385,6 +390,8 @@ def plan_study(state: StudyState) -> list[Planned]:
                         settings["strategy"] = strategy
                     if strategy == "pretrain":
                         settings["pretrain_steps"] = cfg.mix.pretrain_steps
+                    if cfg.mix.real_bn_stats:  # absent when off: the keys of earlier studies
+                        settings["real_bn_stats"] = True
                 seg_labels = {**labels, "condition": condition}
                 if variant is not None:
                     seg_labels["variant"] = variant_name(layout, strategy, share)
@@ -430,7 +437,7 @@ def write_index(state: StudyState, planned: list[Planned], status: str,
     for regime in cfg.regimes:
         per_seed = {str(seed): {**state.selections[(regime.name, seed)].as_dict(),
                                 "pixels": state.selections[(regime.name, seed)].pixels(shape[1:])}
-                    for seed in cfg.seeds}
+                    for seed in cfg.regime_seeds(regime)}
         regimes.append({**regime.model_dump(mode="json"), "per_seed": per_seed,
                         "gan_shared": regime.name in state.shared_gans})
     index = {
@@ -469,10 +476,10 @@ def compute_record(cfg: StudyConfig) -> dict[str, Any]:
 
 
 def write_real_previews(state: StudyState) -> None:
-    """Real training data of every regime (first seed) for the report's figure grids."""
-    seed = state.cfg.seeds[0]
+    """Real training data of every regime (its first seed) for the report's figure grids."""
     channels = list(state.cfg.gan.data.channels) if state.cfg.uses_synthetic else [MITO]
     for regime in state.cfg.regimes:
+        seed = state.cfg.regime_seeds(regime)[0]
         path = state.study_dir / PREVIEWS_DIR / f"real_{regime.name}.npz"
         volume = study_data.cut(state.source.volume, state.selections[(regime.name, seed)])
         save_preview(path, **cells.preview_of(volume, channels))
@@ -496,11 +503,17 @@ def prepare(cfg: StudyConfig, study_dir: Path) -> StudyState:
 
 
 def run_study(cfg: StudyConfig, study_dir: str | Path, resume: bool = True,
-              console: Console | None = None, workers: int = 1) -> dict[str, Any]:
+              console: Console | None = None, workers: int = 1,
+              kinds: list[str] | None = None) -> dict[str, Any]:
     """Run every unfinished cell; returns the study index (study.json). `workers`: how many
-    processes share this study folder now (for the ETA; each process takes its own cells)."""
+    processes share this study folder now (for the ETA; each process takes its own cells).
+    `kinds`: run only cells of these kinds (e.g. the GANs first, on another machine)."""
+    unknown = sorted(set(kinds or ()) - set(CELL_VERSIONS))
+    if unknown:
+        raise EmsynthError(f"--kinds {unknown[0]}: no such kind of cell. Fix: use some of "
+                           f"{', '.join(CELL_VERSIONS)}")
     with torch_threads(cfg.num_threads):
-        return _run(cfg, Path(study_dir), resume, console or wide_console(), workers)
+        return _run(cfg, Path(study_dir), resume, console or wide_console(), workers, kinds)
 
 
 def clear_study(cfg: StudyConfig, study_dir: str | Path) -> None:
@@ -551,7 +564,7 @@ def take_next(pending: list[Planned]) -> Planned | None:
 
 
 def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console,
-         workers: int = 1) -> dict[str, Any]:
+         workers: int = 1, kinds: list[str] | None = None) -> dict[str, Any]:
     study_dir.mkdir(parents=True, exist_ok=True)
     started_at = runinfo.now_iso()
     state = prepare(cfg, study_dir)
@@ -569,7 +582,8 @@ def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console,
         progress.finished(item, None)
     if cached:
         console.print(f"{len(cached)} of {len(planned)} cells already done (skipped)")
-    pending = [p for p in planned if not p.cell.done]
+    pending = [p for p in planned if not p.cell.done
+               and (kinds is None or p.cell.spec.kind in kinds)]
     waiting = False
     while pending:
         item = take_next(pending)
@@ -585,7 +599,8 @@ def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console,
                 # was released: it is ready again on the next pass.
                 if not any(p.ready() for p in pending):
                     raise EmsynthError(f"{study_dir}: cells wait on inputs that no process "
-                                       "runs. Fix: rerun the same command")
+                                       "runs. Fix: run the kinds of cell they wait on first "
+                                       "(--kinds), or rerun the same command")
                 continue
             if not waiting:
                 progress.show("waiting for cells another process runs", pending)

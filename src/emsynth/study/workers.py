@@ -26,15 +26,17 @@ STOP_GRACE_S = 120
 
 
 def helper_command(config: Path, overrides: list[str], study_dir: Path, workers: int,
-                   threads: int) -> list[str]:
+                   threads: int, kinds: list[str] | None = None) -> list[str]:
     sets = [item for override in overrides for item in ("--set", override)]
+    only = ["--kinds", ",".join(kinds)] if kinds else []
     return [sys.executable, "-m", "emsynth", "study", "run", str(config), "--study-dir",
             str(study_dir), *sets, "--set", f"num_threads={threads}", "--no-report",
-            "--workers", "1", "--worker-of", str(workers)]
+            "--workers", "1", "--worker-of", str(workers), *only]
 
 
 def run_with_workers(cfg: StudyConfig, config: Path, overrides: list[str], study_dir: Path,
-                     workers: int, resume: bool, console: Console) -> None:
+                     workers: int, resume: bool, console: Console,
+                     kinds: list[str] | None = None) -> None:
     threads = cfg.num_threads or max(1, thread_count(None) // workers)
     cfg = cfg.model_copy(update={"num_threads": threads})
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -42,7 +44,7 @@ def run_with_workers(cfg: StudyConfig, config: Path, overrides: list[str], study
         clear_study(cfg, study_dir)  # before any worker starts
     logs = study_dir / LOGS_DIR
     logs.mkdir(exist_ok=True)
-    command = helper_command(config, overrides, study_dir, workers, threads)
+    command = helper_command(config, overrides, study_dir, workers, threads, kinds)
     helpers: list[tuple[subprocess.Popen, Path]] = []
     for k in range(2, workers + 1):
         log = logs / f"worker-{k}.log"
@@ -52,7 +54,7 @@ def run_with_workers(cfg: StudyConfig, config: Path, overrides: list[str], study
     console.print(f"{workers} workers x {threads} torch thread(s); helpers log to {logs}/",
                   highlight=False)
     try:
-        run_study(cfg, study_dir, resume=True, console=console, workers=workers)
+        run_study(cfg, study_dir, resume=True, console=console, workers=workers, kinds=kinds)
     except BaseException:
         _stop(helpers)
         raise
@@ -61,7 +63,7 @@ def run_with_workers(cfg: StudyConfig, config: Path, overrides: list[str], study
         raise EmsynthError(f"{failed[0]}: a worker failed (see its log). Fix: rerun the same "
                            "command to resume; finished cells are kept")
     # Cells the helpers finished after this process ran out of work: index them as done.
-    run_study(cfg, study_dir, resume=True, console=console)
+    run_study(cfg, study_dir, resume=True, console=console, kinds=kinds)
 
 
 def _stop(helpers: list[tuple[subprocess.Popen, Path]]) -> None:
