@@ -420,7 +420,7 @@ def test_a_regime_with_real_only_plans_no_gan(tmp_path):
     assert keys <= {p.cell.spec.key for p in planned}
 
     data["regimes"][1]["conditions"] = ["real+synthetic"]
-    with pytest.raises(ValueError, match="'all' lists 'real\\+synthetic'"):
+    with pytest.raises(ValueError, match="'all' lists condition 'real\\+synthetic'"):
         StudyConfig.model_validate(data)
 
 

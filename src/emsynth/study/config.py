@@ -373,27 +373,18 @@ class StudyConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _regime_conditions(self) -> StudyConfig:
+    def _regime_subsets(self) -> StudyConfig:
+        """A regime's own seeds and conditions are some of the study's, each once."""
         for regime in self.regimes:
-            if regime.conditions is None:
-                continue
-            extra = [c for c in regime.conditions if c not in self.conditions]
-            if extra or len(set(regime.conditions)) != len(regime.conditions):
-                what = repr(extra[0]) if extra else "a condition twice"
-                raise ValueError(f"regimes: {regime.name!r} lists {what}; its conditions are "
-                                 f"some of the study's ({', '.join(self.conditions)})")
-        return self
-
-    @model_validator(mode="after")
-    def _regime_seeds(self) -> StudyConfig:
-        for regime in self.regimes:
-            if regime.seeds is None:
-                continue
-            extra = [s for s in regime.seeds if s not in self.seeds]
-            if extra or len(set(regime.seeds)) != len(regime.seeds):
-                what = f"seed {extra[0]}" if extra else "a seed twice"
-                raise ValueError(f"regimes: {regime.name!r} lists {what}; its seeds are some of "
-                                 f"the study's ({', '.join(map(str, self.seeds))})")
+            for field, own, study in (("seed", regime.seeds, self.seeds),
+                                      ("condition", regime.conditions, self.conditions)):
+                if own is None:
+                    continue
+                extra = [v for v in own if v not in study]
+                if extra or len(set(own)) != len(own):
+                    what = f"{field} {extra[0]!r}" if extra else f"a {field} twice"
+                    raise ValueError(f"regimes: {regime.name!r} lists {what}; its {field}s are "
+                                     f"some of the study's ({', '.join(map(str, study))})")
         return self
 
     def regime_seeds(self, regime: RegimeConfig) -> list[int]:
