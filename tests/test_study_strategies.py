@@ -168,13 +168,26 @@ def test_plan_has_fixed_steps_per_regime_and_the_ablation(tmp_path):
 @pytest.mark.parametrize("name", ["demo", "lucchi_cpu", "lucchi_gpu", "lucchi_scarce_cpu"])
 def test_presets_load_with_todays_defaults(name):
     cfg = load_config(StudyConfig, ROOT / "configs" / "study" / f"{name}.yaml")
-    if name != "lucchi_scarce_cpu":  # the new keys' defaults reproduce the earlier study
+    if name in ("demo", "lucchi_gpu"):  # the new keys' defaults reproduce the earlier study
         assert cfg.mix.strategy == "replace" and cfg.ablation is None
         assert cfg.synthesis.masks == "real" and cfg.synthesis.count_per_slice is None
         assert all(r.steps is None for r in cfg.regimes)
         assert runner.synthesis_settings(cfg) == cfg.synthesis.model_dump(
             mode="json", exclude={"remodel_spacing", "remodel_jitter", "remodel_scale",
-                                  "count_per_slice"})
+                                  "count_per_slice", "count_max"})
+    else:  # the redesigned CPU presets (issue 13): fixed budgets, BatchNorm on real crops
+        assert all(r.steps is not None for r in cfg.regimes)
+        assert cfg.mix.real_bn_stats and cfg.segment.model.norm == "batch"
+        scarce = [r for r in cfg.regimes if r.name in ("crop256", "1slice")]
+        assert all(len(cfg.regime_seeds(r)) >= 5 for r in scarce)
+        assert all(len(cfg.regime_seeds(r)) >= 3 for r in cfg.regimes)
+
+
+def test_synthetic_count_scales_with_the_regime_up_to_its_cap():
+    cfg = config(synthesis={"count": 64, "count_per_slice": 64, "count_max": 640})
+    assert [cells.synthetic_count(cfg, n) for n in (1, 2, 5, 110)] == [64, 128, 320, 640]
+    uncapped = config(synthesis={"count": 64, "count_per_slice": 64})
+    assert cells.synthetic_count(uncapped, 110) == 7040
 
 
 def test_scarce_preset_plans_its_cells(tmp_path):
@@ -197,11 +210,25 @@ def test_scarce_preset_plans_its_cells(tmp_path):
     assert {g.settings["gan"]["engine"]["steps"] for g in crop_gans} == {500}
     assert len({tuple(g.inputs.values()) for g in crop_gans}) == seeds  # a crop per seed
     # crop: 3 conditions; 1 slice: 3 + 9 ablation variants (its add uses share 0.25, the main
-    # recipe 0.5, so none duplicates it).
-    assert kinds.count("segment") == kinds.count("eval") == (3 + 3 + 9) * seeds
+    # recipe 0.5, so none duplicates it); the controls 1slice-2x (5 seeds) and all (3 seeds)
+    # train real-only segmenters and no GAN.
+    assert kinds.count("segment") == kinds.count("eval") == (3 + 3 + 9) * seeds + 5 + 3
     segments = [p.cell.spec for p in planned if p.cell.spec.kind == "segment"]
-    assert {s.settings["segment"]["engine"]["steps"] for s in segments} == {600, 800}
-    assert {s.settings["segment"]["model"]["norm"] for s in segments} == {"instance"}
+    budget = {r.name: r.steps for r in cfg.regimes}
+    assert all(s.settings["segment"]["engine"]["steps"] == budget[s.labels["regime"]]
+               for s in segments)
+    controls = [s for s in segments if s.labels["regime"] in ("1slice-2x", "all")]
+    assert {s.labels["condition"] for s in controls} == {"real"} and len(controls) == 8
+    assert budget["1slice-2x"] == 2 * budget["1slice"]
+    assert {s.settings["segment"]["model"]["norm"] for s in segments} == {"batch"}
+    mixed = [s for s in segments if s.labels["condition"] == "real+synthetic"]
+    assert all(s.settings["real_bn_stats"] for s in mixed)
+    # 1slice-2x draws the same slice as 1slice: its real-only cells differ only in steps.
+    one = {s.labels["seed"]: s.inputs["real"] for s in segments
+           if s.labels["regime"] == "1slice" and s.labels["condition"] == "real"}
+    two = {s.labels["seed"]: s.inputs["real"] for s in controls
+           if s.labels["regime"] == "1slice-2x"}
+    assert one == two
     assert not any(p.cell.done for p in planned)
 
 

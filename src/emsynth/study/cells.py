@@ -192,9 +192,13 @@ def synthetic_dir(layout: str, main: str) -> str:
 
 
 def synthetic_count(cfg: StudyConfig, n_slices: int) -> int:
-    """Synthetic images of a regime: synthesis.count, or count_per_slice per real slice."""
+    """Synthetic images of a regime: synthesis.count, or count_per_slice per real slice (at
+    least count, at most count_max)."""
     s = cfg.synthesis
-    return s.count if s.count_per_slice is None else max(s.count, s.count_per_slice * n_slices)
+    if s.count_per_slice is None:
+        return s.count
+    scaled = max(s.count, s.count_per_slice * n_slices)
+    return scaled if s.count_max is None else min(scaled, s.count_max)
 
 
 def train_regime_gan(run_dir: Path, gan_cfg: GanConfig, real: Volume) -> dict[str, Any]:

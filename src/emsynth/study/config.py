@@ -205,6 +205,11 @@ class SynthesisConfig(WarpConfig):
         description="Scale the synthetic count with the regime: this many images per real "
         "slice (a crop counts as one), at least `count`; None = `count` for every regime.",
     )
+    count_max: int | None = Field(
+        None, ge=1,
+        description="With count_per_slice: at most this many images per regime and seed (the "
+        "regime with all slices would otherwise synthesise thousands); None = no cap.",
+    )
     elastic_sigma: ElasticSigma = 10.0
     scale_range: ScaleRange = 0.1
     procedural_domain: str = Field(
