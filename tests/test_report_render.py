@@ -284,3 +284,27 @@ def test_one_seed_decides_nothing(tmp_path):
                                        "0.5) is undecided (fewer than 2 seeds): +0.050 IoU, n=1.")
     assert ("In short: synthetic images help at no regime; hurt at no regime; within noise at "
             "no regime; undecided (fewer than 2 seeds) at 1slice, all.") in lines
+
+
+def test_a_steps_control_is_compared_with_the_chosen_recipe(answered):
+    """A real-only regime on the same data with more steps (1slice-2x) is compared with the
+    recipe chosen at 1slice, paired over seeds; no control, no sentence."""
+    results, _ = answered
+    assert not [line for line in answer.answer(results) if line.startswith("Steps control")]
+    results = copy.deepcopy(results)
+    regimes = results.index["regimes"]
+    one = next(r for r in regimes if r["name"] == "1slice")
+    one.update(data_seed=0, steps=400)
+    regimes.append({**one, "name": "1slice-2x", "steps": 800, "conditions": ["real"]})
+    results.regimes.append("1slice-2x")
+    control = [0.70, 0.71, 0.73, 0.71, 0.72]  # the recipe: 0.72, 0.73, 0.76, 0.72, 0.75
+    results.scores["iou"][("1slice-2x", "real")] = dict(zip(SEEDS5, control))
+    line = _line(answer.answer(results), "Steps control at 1slice:")
+    assert line.startswith("Steps control at 1slice: real-only with 800 steps (1slice-2x) "
+                           "scores 0.714; real+synthetic (deformed/add 0.25) minus it: +0.022 "
+                           "IoU [95% CI ")
+    assert "helps: a gain over 1slice's real-only that this control matches" in line
+    # Other data (no data_seed: each seed draws its own slice) is no control.
+    one.pop("data_seed")
+    regimes[-1].pop("data_seed")
+    assert not [line for line in answer.answer(results) if line.startswith("Steps control")]

@@ -12,6 +12,11 @@ the report), and whether issue 13's targets are met:
 - no loss on all slices: difference >= -0.005, or a CI that includes zero;
 - real-only on all slices within 0.02 of the segmentation preset's validation IoU on the same
   split (study config `reference_iou`), compared on validation IoU; else not checked.
+
+A steps control: where a real-only regime has the same data as a regime with a chosen recipe
+but more steps (e.g. 1slice-2x: what `add` at share 0.5 trains), the answer also compares the
+recipe with it, so a gain that more steps of real data give as well is not credited to the
+synthetic images.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from emsynth.report.collect import Comparison, StudyResults
-from emsynth.report.stats import Summary, p_text, summarize
+from emsynth.report.stats import Summary, p_text, paired_difference, summarize
 from emsynth.study.layout import MIXED, REAL, SYNTHETIC, canonical_layout, variant_name
 
 METRIC = "iou"
@@ -132,6 +137,37 @@ def gap_target(results: StudyResults, choice: Choice, all_regime: str | None) ->
     return f"{what}: {status} ({detail})."
 
 
+def steps_control(results: StudyResults, choice: Choice) -> str | None:
+    """The recipe against real-only on the same data with more steps (a regime whose only
+    condition is real), paired over seeds; None when the study has no such regime."""
+    regimes = _regimes(results)
+    here = regimes.get(choice.regime, {})
+    same = ("slices", "crop", "data_seed")
+    controls = [name for name, info in regimes.items() if name != choice.regime
+                and info.get("conditions") == [REAL] and data_seeded(here)
+                and all(info.get(k) == here.get(k) for k in same)
+                and (info.get("steps") or 0) > (here.get("steps") or 0)]
+    if not controls:
+        return None
+    control = controls[0]
+    table = results.scores[METRIC]
+    d = paired_difference(table.get((control, REAL), {}), table.get((choice.regime,
+                                                                     choice.condition), {}))
+    real = results.summary(METRIC, control, REAL)
+    if d.n == 0:
+        return f"Steps control {control}: scores missing."
+    return (f"Steps control at {choice.regime}: real-only with {regimes[control]['steps']} "
+            f"steps ({control}) scores {real.mean:.3f}; real+synthetic ({choice.recipe}) minus "
+            f"it: {_amount(d, None)} ({verdict(d)}: a gain over {choice.regime}'s real-only "
+            "that this control matches comes from more steps, not from the synthetic images).")
+
+
+def data_seeded(regime: dict) -> bool:
+    """Whether a regime's data is the same for every seed (so two regimes with equal settings
+    train on equal data): a data_seed, or all slices."""
+    return regime.get("data_seed") is not None or regime.get("slices") == "all"
+
+
 def no_loss_target(choice: Choice) -> str:
     what = (f"Target at {choice.regime} (all slices): no loss, difference >= {NO_LOSS} or a CI "
             "that includes zero")
@@ -202,6 +238,10 @@ def answer(results: StudyResults) -> list[str]:
     all_regime = next((n for n in results.regimes if regimes.get(n, {}).get("slices") == "all"),
                       None)
     by_regime = {c.regime: c for c in choices}
+    for c in choices:
+        control = steps_control(results, c)
+        if control is not None:
+            lines.append(control)
     for name in results.regimes:
         info = regimes.get(name, {})
         if name in by_regime and (info.get("crop") is not None or info.get("slices") == 1):
