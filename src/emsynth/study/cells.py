@@ -373,18 +373,28 @@ class StudySegmentTask(SegmentTask):
             self.net.load_state_dict(self.init_state)
 
     def validate(self, ctx) -> dict[str, float]:
-        """With bn_data: score once as trained, re-estimate BatchNorm on real crops, score
-        again (the threshold is chosen anew); the first scores are kept as before_bn/*."""
+        """With bn_data: score as trained, re-estimate BatchNorm on real crops and score again
+        (threshold chosen anew), then keep whichever statistics score the higher validation
+        IoU, a choice on the validation block like the threshold's. The scores as trained are
+        kept as before_bn/*; real_bn is 1 when the re-estimated statistics were kept."""
         if self.bn_data is None or not batchnorm_layers(self.net):
             return super().validate(ctx)
         before = super().validate(ctx)
+        trained = {k: v.clone() for k, v in self.net.state_dict().items()}
+        kept = (self.threshold, self.threshold_choice, self._preview)
         p = self.cfg.sampling
         sampler = PatchSampler(self.bn_data, p.patch_size, p.foreground_fraction)
         reestimate_batchnorm(self.net, sampler, BN_BATCHES, p.batch_size, ctx.device,
                              seed=self.cfg.engine.seed, autocast=ctx.autocast)
         after = super().validate(ctx)
-        return {**after, **{f"before_bn/{k}": v for k, v in before.items()
-                            if k in ("fg_iou", "fg_dice", "threshold")}}
+        use_real = after.get("fg_iou", 0.0) > before.get("fg_iou", 0.0)
+        if not use_real:
+            self.net.load_state_dict(trained)
+            self.threshold, self.threshold_choice, self._preview = kept
+        chosen = after if use_real else before
+        return {**chosen, "real_bn": float(use_real),
+                **{f"before_bn/{k}": v for k, v in before.items()
+                   if k in ("fg_iou", "fg_dice", "threshold")}}
 
     def extra_state(self) -> dict[str, Any]:
         state = super().extra_state()

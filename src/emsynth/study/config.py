@@ -245,8 +245,9 @@ class MixConfig(StrictModel):
         False,
         description="Before a real+synthetic segmenter chooses its threshold and is scored, "
         "re-estimate its BatchNorm statistics on un-augmented real training crops "
-        "(emsynth.segment.batchnorm), so it normalises as for the real images it is scored on; "
-        "False = the statistics of the real/synthetic blend it trained on.",
+        "(emsynth.segment.batchnorm), so it normalises as for the real images it is scored on, "
+        "and keep them where they score a higher validation IoU than the statistics of the "
+        "real/synthetic blend it trained on; False = always the blend's.",
     )
 
 

@@ -391,7 +391,7 @@ def plan_study(state: StudyState) -> list[Planned]:
                     if strategy == "pretrain":
                         settings["pretrain_steps"] = cfg.mix.pretrain_steps
                     if cfg.mix.real_bn_stats:  # absent when off: the keys of earlier studies
-                        settings["real_bn_stats"] = True
+                        settings["real_bn_stats"] = "if better on validation"
                 seg_labels = {**labels, "condition": condition}
                 if variant is not None:
                     seg_labels["variant"] = variant_name(layout, strategy, share)
