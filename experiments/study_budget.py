@@ -13,7 +13,8 @@ count) and reads its validation IoU at the threshold chosen on the validation bl
 block is never loaded. The rule the presets follow: the smallest budget whose mean validation
 IoU is within 0.01 of the best one tried. Resumable: runs land in
 runs/study_budget/<config>/<regime>/steps<N>-seed<S>/ and finished ones are read back.
-Prints a table, writes budget.json and budget.png beside the runs.
+Prints a table, writes budget.json and budget.png beside the runs;
+`--figure docs/study_budgets.png` draws every regime calibrated so far into one figure.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from emsynth.config import load_config
 from emsynth.data.volume import MITO
@@ -41,9 +43,12 @@ TOLERANCE = 0.01
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", type=Path)
-    parser.add_argument("--regime", required=True)
-    parser.add_argument("--steps", required=True, help="comma-separated step counts")
+    parser.add_argument("config", type=Path, nargs="?")
+    parser.add_argument("--figure", type=Path,
+                        help="instead of training: draw every budget.json under --out into "
+                        "one figure, e.g. docs/study_budgets.png")
+    parser.add_argument("--regime")
+    parser.add_argument("--steps", help="comma-separated step counts")
     parser.add_argument("--seeds", default="0", help="comma-separated study seeds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", "-s", action="append", default=[], dest="overrides",
@@ -51,6 +56,11 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the run folders (with --set)")
     parser.add_argument("--out", type=Path, default=Path("runs/study_budget"))
     args = parser.parse_args()
+    if args.figure is not None:
+        summary_figure(args.out, args.figure)
+        return
+    if args.config is None or args.regime is None or args.steps is None:
+        parser.error("config, --regime and --steps are required (or --figure)")
 
     cfg = load_config(StudyConfig, args.config, args.overrides)
     regime = next((r for r in cfg.regimes if r.name == args.regime), None)
@@ -86,11 +96,12 @@ def main() -> None:
     means = {n: float(np.mean([r["val_iou"] for r in rows if r["steps"] == n])) for n in steps}
     best = max(means.values())
     chosen = min(n for n in steps if means[n] >= best - TOLERANCE)
-    precision = resolve_precision(cfg.segment.engine.precision, "cpu")
+    precision = resolve_precision(cfg.segment.engine.precision, torch.device("cpu"))
     summary = {"config": str(args.config), "overrides": args.overrides, "regime": regime.name,
                "seeds": seeds,
                "validation_slices": blocks.val, "rows": rows, "mean_val_iou": means,
                "chosen_steps": chosen, "rule": f"smallest within {TOLERANCE} of the best",
+               "preset_steps": regime.steps,
                "cpu": cpu_kind(), "precision": precision, "threads": args.threads,
                "versions": versions(), "git": git_state()}
     (out / "budget.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -118,6 +129,50 @@ def _figure(path: Path, regime: str, rows: list[dict], means: dict[int, float],
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def summary_figure(root: Path, path: Path) -> None:
+    """Validation IoU against steps for every regime calibrated under `root`, chosen budgets
+    marked; regimes in order of their annotated data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = {}
+    for budget in sorted(root.glob("*/*/budget.json")):
+        summary = json.loads(budget.read_text())
+        if summary.get("overrides"):
+            continue  # a recipe comparison, not the preset's budget
+        found.setdefault(summary["regime"], summary)
+    order = ["crop256", "1slice", "2slices", "5slices", "all"]
+    regimes = sorted(found, key=lambda r: order.index(r) if r in order else len(order))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for regime in regimes:
+        means = {int(k): v for k, v in found[regime]["mean_val_iou"].items()}
+        steps = sorted(means)
+        line, = ax.plot(steps, [means[n] for n in steps], marker="o", label=regime)
+        chosen = found[regime]["chosen_steps"]
+        ax.scatter([chosen], [means[chosen]], s=110, facecolors="none",
+                   edgecolors=line.get_color())
+        preset = found[regime].get("preset_steps")
+        if preset in means:
+            ax.scatter([preset], [means[preset]], s=60, marker="x", c="black", zorder=3)
+    ax.set_xscale("log")
+    ticks = sorted({int(k) for s in found.values() for k in s["mean_val_iou"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel("segmenter steps, real-only (batch 8 of 128 px)")
+    ax.set_ylabel("validation foreground IoU")
+    first = found[regimes[0]]
+    ax.set_title(f"o: the rule's budget, x: the preset's ({first['cpu']}, {first['precision']})",
+                 fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"figure: {path}")
 
 
 if __name__ == "__main__":
