@@ -304,6 +304,12 @@ def test_a_steps_control_is_compared_with_the_chosen_recipe(answered):
                            "scores 0.714; real+synthetic (deformed/add 0.25) minus it: +0.022 "
                            "IoU [95% CI ")
     assert "helps: a gain over 1slice's real-only that this control matches" in line
+    # The control's row: real-only scores, a dash where the design trains nothing.
+    from emsynth.report.render import NOT_TRAINED, score_table
+
+    table = score_table(results, "iou")
+    row = next(r for r in table.rows if r[0] == "1slice-2x")
+    assert row[2].startswith("0.714") and row[3:] == [NOT_TRAINED] * (len(row) - 3)
     # Other data (no data_seed: each seed draws its own slice) is no control.
     one.pop("data_seed")
     regimes[-1].pop("data_seed")

@@ -155,7 +155,7 @@ def steps_control(results: StudyResults, choice: Choice) -> str | None:
                                                                      choice.condition), {}))
     real = results.summary(METRIC, control, REAL)
     if d.n == 0:
-        return f"Steps control {control}: scores missing."
+        return f"Steps control at {choice.regime}: {control} has no scores yet."
     return (f"Steps control at {choice.regime}: real-only with {regimes[control]['steps']} "
             f"steps ({control}) scores {real.mean:.3f}; real+synthetic ({choice.recipe}) minus "
             f"it: {_amount(d, None)} ({verdict(d)}: a gain over {choice.regime}'s real-only "
@@ -209,7 +209,8 @@ def answer(results: StudyResults) -> list[str]:
     most = max(c.candidates for c in choices)
     lines = [(f"Test foreground IoU of real+synthetic minus real-only, paired over seeds; at each "
              f"regime the real+synthetic recipe is the one with the best mean validation IoU "
-             f"(up to {most} candidates; the test block chooses nothing).")]
+             f"(up to {most} candidate{'s' if most > 1 else ''}; the test block chooses "
+             "nothing).")]
     verdicts: dict[str, list[str]] = {}
     for c in choices:
         word = verdict(c.difference)

@@ -66,6 +66,14 @@ class StudyResults:
     validation: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)
     pixels: dict[str, int] = field(default_factory=dict)
 
+    def trains(self, regime: str, condition: str) -> bool:
+        """Whether the design trains `condition` at `regime` (regimes[].conditions; a
+        real-only control does not train the others)."""
+        for info in self.index.get("regimes", []):
+            if info.get("name") == regime and info.get("conditions") is not None:
+                return condition in info["conditions"]
+        return True
+
     def summary(self, metric: str, regime: str, condition: str) -> Summary:
         return summarize(list(self.scores[metric].get((regime, condition), {}).values()))
 

@@ -91,6 +91,10 @@ def comparisons_note(results: StudyResults) -> str:
     return text + " Dice differences are descriptive (not tested)."
 
 
+#: A table cell of a condition the design does not train at that regime (a control).
+NOT_TRAINED = "—"
+
+
 def score_table(results: StudyResults, metric: str) -> TableData:
     """Regimes as rows; each condition's mean ± CI half-width, then the paired differences
     (for the tested metric, IoU, with their p and Holm-adjusted p)."""
@@ -100,9 +104,11 @@ def score_table(results: StudyResults, metric: str) -> TableData:
     rows = []
     for regime in results.regimes:
         row = [regime, f"{results.pixels.get(regime, 0):,}"]
-        row += [results.summary(metric, regime, c).text() for c in results.conditions]
+        row += [results.summary(metric, regime, c).text() if results.trains(regime, c)
+                else NOT_TRAINED for c in results.conditions]
         row += [_diff_text(results.difference(metric, regime, b, a),
                            comparison=comparisons.get((regime, b, a)))
+                if results.trains(regime, b) and results.trains(regime, a) else NOT_TRAINED
                 for b, a in results.differences]
         rows.append(row)
     note = (f"Test {METRIC_NAMES[metric]} (whole test volume, foreground class only), mean ± "
@@ -118,6 +124,8 @@ def per_seed_table(results: StudyResults) -> TableData:
     rows = []
     for regime in results.regimes:
         for condition in results.conditions:
+            if not results.trains(regime, condition):
+                continue
             iou = results.scores["iou"].get((regime, condition), {})
             dice = results.scores["dice"].get((regime, condition), {})
             rows.append([regime, condition, *[
