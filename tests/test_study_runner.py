@@ -448,3 +448,24 @@ def test_kinds_runs_only_those_cells(tmp_path, calls):
         runner.run_study(cfg, study, kinds=["evaluation"])
     assert runner.run_study(cfg, study)["status"] == "finished"
     assert calls == {"segment": 2, "eval": 2}
+
+
+def test_reuse_copies_finished_cells_of_another_study(tmp_path, calls):
+    """--reuse: cells another study finished with the same key are copied, not run; the rest
+    (here the second seed) run as usual."""
+    first = tmp_path / "first"
+    runner.run_study(StudyConfig.model_validate(tiny_config(seeds=[0])), first)
+    assert calls == {"segment": 2, "eval": 2}
+    second = tmp_path / "second"
+    index = runner.run_study(StudyConfig.model_validate(tiny_config(seeds=[0, 1])), second,
+                             reuse=[first])
+    assert calls == {"segment": 4, "eval": 4}  # seed 1 only
+    assert index["status"] == "finished"
+    for entry in index["cells"]:
+        record = json.loads((second / "cells" / entry["name"] / "cell.json").read_text())
+        theirs = first / "cells" / entry["name"]
+        assert ("adopted_from" in record) == (entry["labels"]["seed"] == 0)
+        if entry["labels"]["seed"] == 0:
+            assert record["adopted_from"] == str(theirs)
+            assert (second / "cells" / entry["name"] / "result.json").read_text() == \
+                (theirs / "result.json").read_text()

@@ -174,7 +174,7 @@ def test_presets_load_with_todays_defaults(name):
         assert all(r.steps is None for r in cfg.regimes)
         assert runner.synthesis_settings(cfg) == cfg.synthesis.model_dump(
             mode="json", exclude={"remodel_spacing", "remodel_jitter", "remodel_scale",
-                                  "count_per_slice", "count_max"})
+                                  "count_per_slice"})
     else:  # the redesigned CPU presets (issue 13): fixed budgets, BatchNorm on real crops
         assert all(r.steps is not None for r in cfg.regimes)
         assert cfg.mix.real_bn_stats and cfg.segment.model.norm == "batch"
@@ -183,11 +183,19 @@ def test_presets_load_with_todays_defaults(name):
         assert all(len(cfg.regime_seeds(r)) >= 3 for r in cfg.regimes)
 
 
-def test_synthetic_count_scales_with_the_regime_up_to_its_cap():
-    cfg = config(synthesis={"count": 64, "count_per_slice": 64, "count_max": 640})
-    assert [cells.synthetic_count(cfg, n) for n in (1, 2, 5, 110)] == [64, 128, 320, 640]
-    uncapped = config(synthesis={"count": 64, "count_per_slice": 64})
-    assert cells.synthetic_count(uncapped, 110) == 7040
+def test_synthetic_count_scales_with_the_regime_unless_the_regime_sets_it(tmp_path):
+    cfg = config(synthesis={"count": 64, "count_per_slice": 64})
+    assert [cells.synthetic_count(cfg, n) for n in (1, 2, 5, 110)] == [64, 128, 320, 7040]
+    assert cells.synthetic_count(cfg, 110, 640) == 640
+    # A regime's own count enters its GAN cell's key; the other regimes' keys stay.
+    data = {"conditions": ["real", "synthetic"]}
+    plain = runner.plan_cells(config(**data), tmp_path / "a")
+    regimes = [{"name": "1slice", "slices": 1, "steps": 3},
+               {"name": "2slices", "slices": 2, "synthetic_count": 5}]
+    capped = runner.plan_cells(config(**data, regimes=regimes), tmp_path / "b")
+    gans = [[p.cell.spec for p in plan if p.cell.spec.kind == "gan"] for plan in (plain, capped)]
+    assert gans[0][0].key == gans[1][0].key and gans[0][1].key != gans[1][1].key
+    assert gans[1][1].settings["synthetic_count"] == 5
 
 
 def test_scarce_preset_plans_its_cells(tmp_path):
@@ -350,7 +358,8 @@ def test_real_bn_stats_are_kept_only_where_validation_improves(tmp_path, data, m
     for scripted, use_real in (([0.5, 0.6], True), ([0.6, 0.5], False)):
         scores = iter(scripted)
         monkeypatch.setattr(SegmentTask, "validate",
-                            lambda self, ctx: {**original(self, ctx), "fg_iou": next(scores)})
+                            lambda self, ctx, scores=scores: {**original(self, ctx),
+                                                              "fg_iou": next(scores)})
         name = f"real-bn-{use_real}"
         result = cells.run_segment(cell(tmp_path, name), with_real, "real+synthetic", 0, real,
                                    synthetic, val, steps=3)

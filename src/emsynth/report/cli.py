@@ -83,6 +83,11 @@ def run_cmd(
                      "membrane-model, gan-model, gan, segment, eval (e.g. the GANs first, on a "
                      "GPU machine; the rest later). Cells wait for inputs of other kinds."),
     ] = None,
+    reuse: Annotated[
+        list[Path] | None,
+        typer.Option("--reuse", help="Another study folder: its finished cells with the same "
+                     "key (same settings and inputs) are copied instead of run; repeatable."),
+    ] = None,
     worker_of: Annotated[int, typer.Option("--worker-of", hidden=True)] = 1,
 ) -> None:
     """Run every cell of the study that is not finished yet, then write the report.
@@ -110,9 +115,10 @@ def run_cmd(
     if workers > 1:
         from emsynth.study.workers import run_with_workers
 
-        run_with_workers(cfg, config, extra, folder, workers, resume, console, only)
+        run_with_workers(cfg, config, extra, folder, workers, resume, console, only, reuse)
     else:
-        run_study(cfg, folder, resume=resume, console=console, workers=worker_of, kinds=only)
+        run_study(cfg, folder, resume=resume, console=console, workers=worker_of, kinds=only,
+                  reuse=reuse)
     if report:
         _print_report(folder, Console())
 

@@ -185,6 +185,23 @@ class Cell:
             return False  # being written, or held on another machine that refreshes it
         return not _pid_alive(int(holder.get("pid", -1)))
 
+    def adopt(self, study_dirs: list[Path]) -> Path | None:
+        """Copy this cell, finished, from another study folder that has it (same key: same
+        settings and inputs, so the same result); the done marker is copied last. Returns the
+        folder it came from, or None. The record keeps its provenance plus `adopted_from`."""
+        for study_dir in study_dirs:
+            other = Cell(study_dir, self.spec)
+            if other.dir.resolve() == self.dir.resolve() or not other.done:
+                continue
+            shutil.copytree(other.dir, self.dir, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(LOCK, DONE))
+            record = self.record() or {}
+            record["adopted_from"] = str(other.dir)
+            self._write_record(record)
+            shutil.copy2(other.dir / DONE, self.dir / DONE)
+            return other.dir
+        return None
+
     def drop_checkpoints(self) -> None:
         """Delete the training checkpoints of a finished cell: its exported model is what later
         cells use, and a GPU-sized study would otherwise keep tens of GB of optimiser state."""

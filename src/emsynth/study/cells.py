@@ -191,14 +191,13 @@ def synthetic_dir(layout: str, main: str) -> str:
     return SYNTHETIC_DIR if layout == main else f"{SYNTHETIC_DIR}-{layout}"
 
 
-def synthetic_count(cfg: StudyConfig, n_slices: int) -> int:
-    """Synthetic images of a regime: synthesis.count, or count_per_slice per real slice (at
-    least count, at most count_max)."""
+def synthetic_count(cfg: StudyConfig, n_slices: int, regime_count: int | None = None) -> int:
+    """Synthetic images of a regime: its own synthetic_count, else synthesis.count, or
+    count_per_slice per real slice (at least count)."""
     s = cfg.synthesis
-    if s.count_per_slice is None:
-        return s.count
-    scaled = max(s.count, s.count_per_slice * n_slices)
-    return scaled if s.count_max is None else min(scaled, s.count_max)
+    if regime_count is not None:
+        return regime_count
+    return s.count if s.count_per_slice is None else max(s.count, s.count_per_slice * n_slices)
 
 
 def train_regime_gan(run_dir: Path, gan_cfg: GanConfig, real: Volume) -> dict[str, Any]:
@@ -230,7 +229,7 @@ def run_gan_model(cell: Cell, gan_cfg: GanConfig, real: Volume) -> dict[str, Any
 
 def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch.device,
             layouts: list[str] | None = None, gan_cfg: GanConfig | None = None,
-            trained: Cell | None = None) -> dict[str, Any]:
+            trained: Cell | None = None, count: int | None = None) -> dict[str, Any]:
     """Train the GAN on `real` alone with the study seed (`gan_cfg`: the regime's recipe,
     StudyConfig.gan_config), or take the shared GAN of the `trained` cell (run_gan_model); then
     synthesise `synthetic_count` images from the masks of each layout (`layouts`, the first
@@ -256,7 +255,7 @@ def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch
     s = cfg.synthesis
     main = canonical_layout(s.masks)
     layouts = layouts or [main]
-    count = synthetic_count(cfg, len(real))
+    count = synthetic_count(cfg, len(real), count)
     precision = resolve_precision(gan_cfg.engine.precision, device)
     per_layout: dict[str, dict[str, Any]] = {}
     for layout in layouts:

@@ -109,6 +109,11 @@ class RegimeConfig(StrictModel):
         description="Training steps of this regime's GAN; None = gan.engine.steps. A GAN on one "
         "256 px crop sees the same image every step and needs far fewer than one on slices.",
     )
+    synthetic_count: int | None = Field(
+        None, ge=1,
+        description="Synthetic images of this regime per seed, instead of synthesis.count / "
+        "count_per_slice (e.g. a cap for the regime with all slices).",
+    )
     seeds: list[int] | None = Field(
         None, min_length=1,
         description="Seeds of this regime, a subset of the study's; None = all of them. E.g. "
@@ -204,11 +209,6 @@ class SynthesisConfig(WarpConfig):
         None, ge=1,
         description="Scale the synthetic count with the regime: this many images per real "
         "slice (a crop counts as one), at least `count`; None = `count` for every regime.",
-    )
-    count_max: int | None = Field(
-        None, ge=1,
-        description="With count_per_slice: at most this many images per regime and seed (the "
-        "regime with all slices would otherwise synthesise thousands); None = no cap.",
     )
     elastic_sigma: ElasticSigma = 10.0
     scale_range: ScaleRange = 0.1

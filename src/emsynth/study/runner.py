@@ -253,7 +253,7 @@ def gan_settings(gan_cfg: GanConfig) -> dict[str, Any]:
 #: SynthesisConfig fields added after the first studies ran, with the values that reproduce
 #: them: left out of the GAN cell's key while at these values, so earlier results stay valid.
 _NEW_SYNTHESIS_FIELDS = {"remodel_spacing": 20, "remodel_jitter": 4.0, "remodel_scale": 0.2,
-                         "count_per_slice": None, "count_max": None}
+                         "count_per_slice": None}
 
 
 def synthesis_settings(cfg: StudyConfig) -> dict[str, Any]:
@@ -330,6 +330,8 @@ def plan_study(state: StudyState) -> list[Planned]:
                             "seed": seed}
                 if len(layouts) > 1:
                     settings["layouts"] = layouts
+                if regime.synthetic_count is not None:
+                    settings["synthetic_count"] = regime.synthetic_count
                 gan_labels, model, budget = labels, None, gan_cfg.engine.max_time
                 if regime.name in state.shared_gans:
                     model = gan_models.get(regime.name)
@@ -358,7 +360,7 @@ def plan_study(state: StudyState) -> list[Planned]:
                     real_data = _regime_volume(state, regime, seed, with_membranes)
                     return cells.run_gan(cell, cfg, real_data, seed,
                                          cells.inference_device(cfg.gan.engine), layouts,
-                                         gan_cfg, model)
+                                         gan_cfg, model, regime.synthetic_count)
 
                 planned.append(Planned(gan_cell, gan_work, budget,
                                        membrane_deps + ((model,) if model else ())))
@@ -504,16 +506,20 @@ def prepare(cfg: StudyConfig, study_dir: Path) -> StudyState:
 
 def run_study(cfg: StudyConfig, study_dir: str | Path, resume: bool = True,
               console: Console | None = None, workers: int = 1,
-              kinds: list[str] | None = None) -> dict[str, Any]:
+              kinds: list[str] | None = None,
+              reuse: list[Path] | None = None) -> dict[str, Any]:
     """Run every unfinished cell; returns the study index (study.json). `workers`: how many
     processes share this study folder now (for the ETA; each process takes its own cells).
-    `kinds`: run only cells of these kinds (e.g. the GANs first, on another machine)."""
+    `kinds`: run only cells of these kinds (e.g. the GANs first, on another machine).
+    `reuse`: other study folders whose finished cells with the same key are copied instead of
+    run (two presets that share regimes and recipes)."""
     unknown = sorted(set(kinds or ()) - set(CELL_VERSIONS))
     if unknown:
         raise EmsynthError(f"--kinds {unknown[0]}: no such kind of cell. Fix: use some of "
                            f"{', '.join(CELL_VERSIONS)}")
     with torch_threads(cfg.num_threads):
-        return _run(cfg, Path(study_dir), resume, console or wide_console(), workers, kinds)
+        return _run(cfg, Path(study_dir), resume, console or wide_console(), workers, kinds,
+                    [Path(d) for d in reuse or []])
 
 
 def clear_study(cfg: StudyConfig, study_dir: str | Path) -> None:
@@ -564,7 +570,8 @@ def take_next(pending: list[Planned]) -> Planned | None:
 
 
 def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console,
-         workers: int = 1, kinds: list[str] | None = None) -> dict[str, Any]:
+         workers: int = 1, kinds: list[str] | None = None,
+         reuse: list[Path] | None = None) -> dict[str, Any]:
     study_dir.mkdir(parents=True, exist_ok=True)
     started_at = runinfo.now_iso()
     state = prepare(cfg, study_dir)
@@ -609,6 +616,13 @@ def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console,
             continue
         waiting = False
         pending.remove(item)
+        source = item.cell.adopt(reuse) if reuse else None
+        if source is not None:
+            item.cell.unlock()
+            progress.finished(item, None)
+            console.print(f"[green]reused[/] {describe(item.cell.spec)} from {source}",
+                          highlight=False)
+            continue
         progress.show(f"running {describe(item.cell.spec)}", [item, *pending])
         with LockRefresher(item.cell):
             record = item.cell.start()

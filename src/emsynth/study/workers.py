@@ -26,9 +26,11 @@ STOP_GRACE_S = 120
 
 
 def helper_command(config: Path, overrides: list[str], study_dir: Path, workers: int,
-                   threads: int, kinds: list[str] | None = None) -> list[str]:
+                   threads: int, kinds: list[str] | None = None,
+                   reuse: list[Path] | None = None) -> list[str]:
     sets = [item for override in overrides for item in ("--set", override)]
     only = ["--kinds", ",".join(kinds)] if kinds else []
+    only += [item for folder in reuse or [] for item in ("--reuse", str(folder))]
     return [sys.executable, "-m", "emsynth", "study", "run", str(config), "--study-dir",
             str(study_dir), *sets, "--set", f"num_threads={threads}", "--no-report",
             "--workers", "1", "--worker-of", str(workers), *only]
@@ -36,7 +38,7 @@ def helper_command(config: Path, overrides: list[str], study_dir: Path, workers:
 
 def run_with_workers(cfg: StudyConfig, config: Path, overrides: list[str], study_dir: Path,
                      workers: int, resume: bool, console: Console,
-                     kinds: list[str] | None = None) -> None:
+                     kinds: list[str] | None = None, reuse: list[Path] | None = None) -> None:
     threads = cfg.num_threads or max(1, thread_count(None) // workers)
     cfg = cfg.model_copy(update={"num_threads": threads})
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -44,7 +46,7 @@ def run_with_workers(cfg: StudyConfig, config: Path, overrides: list[str], study
         clear_study(cfg, study_dir)  # before any worker starts
     logs = study_dir / LOGS_DIR
     logs.mkdir(exist_ok=True)
-    command = helper_command(config, overrides, study_dir, workers, threads, kinds)
+    command = helper_command(config, overrides, study_dir, workers, threads, kinds, reuse)
     helpers: list[tuple[subprocess.Popen, Path]] = []
     for k in range(2, workers + 1):
         log = logs / f"worker-{k}.log"
@@ -54,7 +56,8 @@ def run_with_workers(cfg: StudyConfig, config: Path, overrides: list[str], study
     console.print(f"{workers} workers x {threads} torch thread(s); helpers log to {logs}/",
                   highlight=False)
     try:
-        run_study(cfg, study_dir, resume=True, console=console, workers=workers, kinds=kinds)
+        run_study(cfg, study_dir, resume=True, console=console, workers=workers, kinds=kinds,
+                  reuse=reuse)
     except BaseException:
         _stop(helpers)
         raise
