@@ -15,11 +15,12 @@ import torch
 from emsynth.segment.model import to_float
 from emsynth.segment.sampling import PatchSampler
 
-_BN = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+#: The BatchNorm layer types (also what blockwise inference folds into convolutions).
+BATCHNORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
 
 
 def batchnorm_layers(net: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
-    return [m for m in net.modules() if isinstance(m, _BN) and m.track_running_stats]
+    return [m for m in net.modules() if isinstance(m, BATCHNORMS) and m.track_running_stats]
 
 
 @torch.no_grad()

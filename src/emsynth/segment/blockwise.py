@@ -44,13 +44,13 @@ from emsynth.data.blocks import (
     resolve,
     run_shard,
 )
+from emsynth.segment.batchnorm import BATCHNORMS
 
 PROB_NAME = "prob"
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
           nn.ConvTranspose3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _leaf(parent: nn.Module, name: str, end: int) -> tuple[nn.Module, str]:
@@ -97,7 +97,7 @@ def inference_net(net: nn.Module) -> nn.Module:
             conv_parent, conv_name = _leaf(seq, a, -1)
             norm_parent, norm_name = _leaf(seq, b, 0)
             conv, norm = conv_parent._modules[conv_name], norm_parent._modules[norm_name]
-            if (isinstance(conv, _CONVS) and isinstance(norm, _NORMS)
+            if (isinstance(conv, _CONVS) and isinstance(norm, BATCHNORMS)
                     and norm.running_mean is not None and uses[id(conv)] == uses[id(norm)] == 1
                     and norm.num_features == conv.out_channels):
                 _fold_norm(conv, norm)

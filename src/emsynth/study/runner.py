@@ -525,7 +525,12 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, resume: bool = True,
 def clear_study(cfg: StudyConfig, study_dir: str | Path) -> None:
     """Forget every cell of this config (--no-resume), before any worker starts."""
     state = prepare(cfg, Path(study_dir))
-    for item in plan_study(state):
+    forget(state, plan_study(state))
+
+
+def forget(state: StudyState, planned: list[Planned]) -> None:
+    """Delete the planned cells' folders and the predicted-membrane cache."""
+    for item in planned:
         item.cell.clear()
     if state.membrane_cache is not None:
         shutil.rmtree(state.membrane_cache, ignore_errors=True)
@@ -577,10 +582,7 @@ def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console,
     state = prepare(cfg, study_dir)
     planned = plan_study(state)
     if not resume:
-        for item in planned:
-            item.cell.clear()
-        if state.membrane_cache is not None:
-            shutil.rmtree(state.membrane_cache, ignore_errors=True)
+        forget(state, planned)
     write_index(state, planned, "running", started_at)
     write_real_previews(state)
     progress = StudyProgress(planned, console, workers)
