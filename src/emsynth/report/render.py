@@ -335,7 +335,8 @@ def build_figures(results: StudyResults) -> list[FigureData]:
         if real is None and synthetic is None:
             continue
         figures.append(FigureData(
-            f"Regime {regime}: real and synthetic training images (seed {first_seed})",
+            f"Regime {regime}: real {'and synthetic ' if synthetic is not None else ''}"
+            f"training images (seed {first_seed})",
             f"{FIGURES_DIR}/data_{regime}.png", plots.data_grid(regime, real, synthetic)))
     figures += layout_figures(results, first_seed)
     rows = []
