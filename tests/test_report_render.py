@@ -304,6 +304,10 @@ def test_a_steps_control_is_compared_with_the_chosen_recipe(answered):
                            "scores 0.714; real+synthetic (deformed/add 0.25) minus it: +0.022 "
                            "IoU [95% CI ")
     assert "helps: a gain over 1slice's real-only that this control matches" in line
+    assert results.controls == {"1slice-2x": "1slice"}  # drawn beside 1slice, not as a regime
+    from emsynth.report.plots import score_plot
+
+    assert score_plot(results).startswith(b"\x89PNG")
     # The control's row: real-only scores, a dash where the design trains nothing.
     from emsynth.report.render import NOT_TRAINED, score_table
 
@@ -314,3 +318,4 @@ def test_a_steps_control_is_compared_with_the_chosen_recipe(answered):
     one.pop("data_seed")
     regimes[-1].pop("data_seed")
     assert not [line for line in answer.answer(results) if line.startswith("Steps control")]
+    assert results.controls == {}

@@ -140,32 +140,20 @@ def gap_target(results: StudyResults, choice: Choice, all_regime: str | None) ->
 def steps_control(results: StudyResults, choice: Choice) -> str | None:
     """The recipe against real-only on the same data with more steps (a regime whose only
     condition is real), paired over seeds; None when the study has no such regime."""
-    regimes = _regimes(results)
-    here = regimes.get(choice.regime, {})
-    same = ("slices", "crop", "data_seed")
-    controls = [name for name, info in regimes.items() if name != choice.regime
-                and info.get("conditions") == [REAL] and data_seeded(here)
-                and all(info.get(k) == here.get(k) for k in same)
-                and (info.get("steps") or 0) > (here.get("steps") or 0)]
-    if not controls:
+    control = results.steps_control(choice.regime)
+    if control is None:
         return None
-    control = controls[0]
     table = results.scores[METRIC]
     d = paired_difference(table.get((control, REAL), {}), table.get((choice.regime,
                                                                      choice.condition), {}))
     real = results.summary(METRIC, control, REAL)
     if d.n == 0:
         return f"Steps control at {choice.regime}: {control} has no scores yet."
-    return (f"Steps control at {choice.regime}: real-only with {regimes[control]['steps']} "
-            f"steps ({control}) scores {real.mean:.3f}; real+synthetic ({choice.recipe}) minus "
-            f"it: {_amount(d, None)} ({verdict(d)}: a gain over {choice.regime}'s real-only "
-            "that this control matches comes from more steps, not from the synthetic images).")
-
-
-def data_seeded(regime: dict) -> bool:
-    """Whether a regime's data is the same for every seed (so two regimes with equal settings
-    train on equal data): a data_seed, or all slices."""
-    return regime.get("data_seed") is not None or regime.get("slices") == "all"
+    return (f"Steps control at {choice.regime}: real-only with "
+            f"{_regimes(results)[control]['steps']} steps ({control}) scores {real.mean:.3f}; "
+            f"real+synthetic ({choice.recipe}) minus it: {_amount(d, None)} ({verdict(d)}: a "
+            f"gain over {choice.regime}'s real-only that this control matches comes from more "
+            "steps, not from the synthetic images).")
 
 
 def no_loss_target(choice: Choice) -> str:

@@ -74,6 +74,27 @@ class StudyResults:
                 return condition in info["conditions"]
         return True
 
+    def steps_control(self, regime: str) -> str | None:
+        """The real-only control of `regime`: a regime whose only condition is real, on the
+        same data (same slices, crop and a data_seed or all slices) with more steps; None if
+        the study has none. A gain it matches comes from steps, not synthetic images."""
+        regimes = {r["name"]: r for r in self.index.get("regimes", [])}
+        here = regimes.get(regime, {})
+        if not data_seeded(here):
+            return None
+        same = ("slices", "crop", "data_seed")
+        for name, info in regimes.items():
+            if name != regime and info.get("conditions") == [REAL] \
+                    and all(info.get(k) == here.get(k) for k in same) \
+                    and (info.get("steps") or 0) > (here.get("steps") or 0):
+                return name
+        return None
+
+    @property
+    def controls(self) -> dict[str, str]:
+        """{control regime: the regime it controls} (see steps_control)."""
+        return {c: r for r in self.regimes if (c := self.steps_control(r)) is not None}
+
     def summary(self, metric: str, regime: str, condition: str) -> Summary:
         return summarize(list(self.scores[metric].get((regime, condition), {}).values()))
 
@@ -113,6 +134,12 @@ class StudyResults:
             if info.kind == kind and all(info.labels.get(k) == v for k, v in labels.items()):
                 return info
         return None
+
+
+def data_seeded(regime: dict) -> bool:
+    """Whether a regime's data is the same for every seed (so two regimes with equal settings
+    train on equal data): a data_seed, or all slices."""
+    return regime.get("data_seed") is not None or regime.get("slices") == "all"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -40,8 +40,11 @@ def _error_bar(summary) -> tuple[float, float]:
 
 def score_plot(results: StudyResults, metric: str = "iou") -> bytes:
     """Left: the metric per condition against annotated pixels (log x), mean and 95% CI over
-    seeds. Right: the paired differences per regime with their CIs and the zero line."""
-    regimes = [r for r in results.regimes if results.pixels.get(r)]
+    seeds; a steps control (real-only, same data, more steps) as an open marker beside the
+    regime it controls. Right: the paired differences per regime with their CIs and the zero
+    line."""
+    controls = results.controls
+    regimes = [r for r in results.regimes if results.pixels.get(r) and r not in controls]
     pixels = np.array([results.pixels[r] for r in regimes], dtype=float)
     fig = Figure(figsize=(11, 4.2))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
@@ -59,6 +62,14 @@ def score_plot(results: StudyResults, metric: str = "iou") -> bytes:
         errors = np.array([_error_bar(s) for _, s in rows]).T
         left.errorbar(xs, means, yerr=errors, label=condition, color=COLOURS.get(condition),
                       marker=MARKERS.get(condition, "o"), capsize=3, linewidth=1.5)
+    steps = {r["name"]: r.get("steps") for r in results.index.get("regimes", [])}
+    for control, regime in controls.items():
+        s = results.summary(metric, control, REAL)
+        if s.n and results.pixels.get(regime):
+            left.errorbar([results.pixels[regime] * 1.12], [s.mean], yerr=np.array(
+                [_error_bar(s)]).T, color=COLOURS.get(REAL), marker="o", mfc="white",
+                capsize=3, linestyle="none",
+                label=f"real, {steps.get(control)} steps ({control})")
     if metric in ("iou", "dice"):
         left.set_ylim(0.0, 1.0)  # intervals of 2-3 seeds can reach past the scale: clip
     left.set_xscale("log")
@@ -71,10 +82,12 @@ def score_plot(results: StudyResults, metric: str = "iou") -> bytes:
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
 
-    positions = np.arange(len(regimes))
+    compared = [r for r in regimes if any(
+        results.difference(metric, r, b, a).n for b, a in results.differences)]
+    positions = np.arange(len(compared))
     width = 0.8 / max(len(results.differences), 1)
     for j, (b, a) in enumerate(results.differences):
-        summaries = [results.difference(metric, r, b, a) for r in regimes]
+        summaries = [results.difference(metric, r, b, a) for r in compared]
         xs = [p + (j - (len(results.differences) - 1) / 2) * width for p in positions]
         shown = [(x, s) for x, s in zip(xs, summaries) if s.n]
         if shown:
@@ -83,7 +96,7 @@ def score_plot(results: StudyResults, metric: str = "iou") -> bytes:
                            fmt=MARKERS.get(b, "o"), color=COLOURS.get(b), capsize=3,
                            label=f"{b} − {a}")
     right.axhline(0.0, color="black", linewidth=0.8)
-    right.set_xticks(positions, regimes, fontsize=8)
+    right.set_xticks(positions, compared, fontsize=8)
     right.set_ylabel(f"paired difference in {METRIC_NAMES[metric]}")
     right.set_title("paired difference over seeds (95% CI)", fontsize=10)
     right.grid(alpha=0.3)
