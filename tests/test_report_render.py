@@ -314,6 +314,16 @@ def test_a_steps_control_is_compared_with_the_chosen_recipe(answered):
     table = score_table(results, "iou")
     row = next(r for r in table.rows if r[0] == "1slice-2x")
     assert row[2].startswith("0.714") and row[3:] == [NOT_TRAINED] * (len(row) - 3)
+    # A control that does as well as the recipe: its gain is one of steps, and the answer
+    # says so in the summary and at the target.
+    results.scores["iou"][("1slice-2x", "real")] = dict(zip(SEEDS5, [0.73, 0.72, 0.76, 0.73,
+                                                                      0.74]))
+    lines = answer.answer(results)
+    assert "help only as much as real-only trained with as many steps at 1slice (as much as " \
+        "1slice-2x)" in _line(lines, "In short:")
+    assert _line(lines, "Target at 1slice:").endswith(
+        "but real-only with as many steps (1slice-2x) does as well: the gain is one of steps, "
+        "not of synthetic images).")
     # Other data (no data_seed: each seed draws its own slice) is no control.
     one.pop("data_seed")
     regimes[-1].pop("data_seed")

@@ -134,21 +134,43 @@ def gap_target(results: StudyResults, choice: Choice, all_regime: str | None) ->
     detail = f"recovers {share:.0%} of a {gap:.3f} gap ({here:.3f} -> {top:.3f})"
     if reasons:
         detail += "; missed on: " + ", ".join(reasons)
+    control = matched_by_steps(results, choice)
+    if control is not None:
+        detail += (f"; but real-only with as many steps ({control}) does as well: the gain is "
+                   "one of steps, not of synthetic images")
     return f"{what}: {status} ({detail})."
+
+
+def control_difference(results: StudyResults, choice: Choice) -> tuple[str, Summary] | None:
+    """(control regime, the recipe's test IoU minus the control's, paired over seeds), or None
+    when `choice.regime` has no steps control."""
+    control = results.steps_control(choice.regime)
+    if control is None:
+        return None
+    table = results.scores[METRIC]
+    return control, paired_difference(table.get((control, REAL), {}),
+                                      table.get((choice.regime, choice.condition), {}))
+
+
+def matched_by_steps(results: StudyResults, choice: Choice) -> str | None:
+    """The control's name where the recipe helps over real-only but not over real-only with
+    as many steps (its gain is one of steps, not of synthetic images); else None."""
+    found = control_difference(results, choice)
+    if found is None or verdict(choice.difference) != "helps" or found[1].n == 0:
+        return None
+    return found[0] if verdict(found[1]) != "helps" else None
 
 
 def steps_control(results: StudyResults, choice: Choice) -> str | None:
     """The recipe against real-only on the same data with more steps (a regime whose only
     condition is real), paired over seeds; None when the study has no such regime."""
-    control = results.steps_control(choice.regime)
-    if control is None:
+    found = control_difference(results, choice)
+    if found is None:
         return None
-    table = results.scores[METRIC]
-    d = paired_difference(table.get((control, REAL), {}), table.get((choice.regime,
-                                                                     choice.condition), {}))
-    real = results.summary(METRIC, control, REAL)
+    control, d = found
     if d.n == 0:
         return f"Steps control at {choice.regime}: {control} has no scores yet."
+    real = results.summary(METRIC, control, REAL)
     return (f"Steps control at {choice.regime}: real-only with "
             f"{_regimes(results)[control]['steps']} steps ({control}) scores {real.mean:.3f}; "
             f"real+synthetic ({choice.recipe}) minus it: {_amount(d, None)} ({verdict(d)}: a "
@@ -202,7 +224,9 @@ def answer(results: StudyResults) -> list[str]:
     verdicts: dict[str, list[str]] = {}
     for c in choices:
         word = verdict(c.difference)
-        verdicts.setdefault(word, []).append(c.regime)
+        control = matched_by_steps(results, c)
+        verdicts.setdefault(word if control is None else "steps", []).append(
+            c.regime if control is None else f"{c.regime} (as much as {control})")
         phrase = {"within noise": "is within noise",
                   "undecided": "is undecided (fewer than 2 seeds)"}.get(word, word)
         lines.append(f"{c.regime}: real+synthetic ({c.recipe}) {phrase}: "
@@ -210,6 +234,9 @@ def answer(results: StudyResults) -> list[str]:
     short = "; ".join(f"{said} at {', '.join(verdicts.get(word, [])) or 'no regime'}"
                       for word, said in (("helps", "help"), ("hurts", "hurt"),
                                          ("within noise", "within noise")))
+    if verdicts.get("steps"):
+        short += ("; help only as much as real-only trained with as many steps at "
+                  + ", ".join(verdicts["steps"]))
     few = verdicts.get("undecided")
     lines.append(f"In short: synthetic images {short}"
                  + (f"; undecided (fewer than 2 seeds) at {', '.join(few)}." if few else "."))
