@@ -100,10 +100,6 @@ def _amount(d: Summary, comparison: Comparison | None) -> str:
     return text
 
 
-def _regimes(results: StudyResults) -> dict[str, dict]:
-    return {r["name"]: r for r in results.index.get("regimes", [])}
-
-
 def _real_mean(results: StudyResults, regime: str) -> float | None:
     summary = results.summary(METRIC, regime, REAL)
     return summary.mean if summary.n else None
@@ -171,8 +167,9 @@ def steps_control(results: StudyResults, choice: Choice) -> str | None:
     if d.n == 0:
         return f"Steps control at {choice.regime}: {control} has no scores yet."
     real = results.summary(METRIC, control, REAL)
-    return (f"Steps control at {choice.regime}: real-only with "
-            f"{_regimes(results)[control]['steps']} steps ({control}) scores {real.mean:.3f}; "
+    steps = results.regime_settings[control]["steps"]
+    return (f"Steps control at {choice.regime}: real-only with {steps} steps ({control}) "
+            f"scores {real.mean:.3f}; "
             f"real+synthetic ({choice.recipe}) minus it: {_amount(d, None)} ({verdict(d)}: a "
             f"gain over {choice.regime}'s real-only that this control matches comes from more "
             "steps, not from the synthetic images).")
@@ -225,8 +222,10 @@ def answer(results: StudyResults) -> list[str]:
     for c in choices:
         word = verdict(c.difference)
         control = matched_by_steps(results, c)
-        verdicts.setdefault(word if control is None else "steps", []).append(
-            c.regime if control is None else f"{c.regime} (as much as {control})")
+        if control is None:
+            verdicts.setdefault(word, []).append(c.regime)
+        else:
+            verdicts.setdefault("steps", []).append(f"{c.regime} (as much as {control})")
         phrase = {"within noise": "is within noise",
                   "undecided": "is undecided (fewer than 2 seeds)"}.get(word, word)
         lines.append(f"{c.regime}: real+synthetic ({c.recipe}) {phrase}: "
@@ -250,7 +249,7 @@ def answer(results: StudyResults) -> list[str]:
             lines.append("Trained on synthetic images alone, segmenters reach "
                          + ", ".join(f"{ratio:.0%} ({r})" for r, ratio in ratios)
                          + " of real-only's test IoU.")
-    regimes = _regimes(results)
+    regimes = results.regime_settings
     all_regime = next((n for n in results.regimes if regimes.get(n, {}).get("slices") == "all"),
                       None)
     by_regime = {c.regime: c for c in choices}

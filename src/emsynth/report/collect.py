@@ -66,19 +66,22 @@ class StudyResults:
     validation: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)
     pixels: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def regime_settings(self) -> dict[str, dict[str, Any]]:
+        """{regime name: its settings as the study index records them}."""
+        return {r["name"]: r for r in self.index.get("regimes", [])}
+
     def trains(self, regime: str, condition: str) -> bool:
         """Whether the design trains `condition` at `regime` (regimes[].conditions; a
         real-only control does not train the others)."""
-        for info in self.index.get("regimes", []):
-            if info.get("name") == regime and info.get("conditions") is not None:
-                return condition in info["conditions"]
-        return True
+        conditions = self.regime_settings.get(regime, {}).get("conditions")
+        return conditions is None or condition in conditions
 
     def steps_control(self, regime: str) -> str | None:
         """The real-only control of `regime`: a regime whose only condition is real, on the
         same data (same slices, crop and a data_seed or all slices) with more steps; None if
         the study has none. A gain it matches comes from steps, not synthetic images."""
-        regimes = {r["name"]: r for r in self.index.get("regimes", [])}
+        regimes = self.regime_settings
         here = regimes.get(regime, {})
         if not data_seeded(here):
             return None

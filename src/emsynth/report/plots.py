@@ -62,14 +62,13 @@ def score_plot(results: StudyResults, metric: str = "iou") -> bytes:
         errors = np.array([_error_bar(s) for _, s in rows]).T
         left.errorbar(xs, means, yerr=errors, label=condition, color=COLOURS.get(condition),
                       marker=MARKERS.get(condition, "o"), capsize=3, linewidth=1.5)
-    steps = {r["name"]: r.get("steps") for r in results.index.get("regimes", [])}
     for control, regime in controls.items():
         s = results.summary(metric, control, REAL)
         if s.n and results.pixels.get(regime):
             left.errorbar([results.pixels[regime] * 1.12], [s.mean], yerr=np.array(
                 [_error_bar(s)]).T, color=COLOURS.get(REAL), marker="o", mfc="white",
                 capsize=3, linestyle="none",
-                label=f"real, {steps.get(control)} steps ({control})")
+                label=f"real, {results.regime_settings[control].get('steps')} steps ({control})")
     if metric in ("iou", "dice"):
         left.set_ylim(0.0, 1.0)  # intervals of 2-3 seeds can reach past the scale: clip
     left.set_xscale("log")
