@@ -183,3 +183,39 @@ def test_a_shared_gan_trains_once_and_each_seed_synthesises_its_own(tmp_path, mo
     runner.run_study(cfg, study)
     assert trained == [cfg.gan.engine.seed]
     assert "preset" not in yaml.safe_load((study / "study.yaml").read_text())["gan"]
+
+
+def test_an_export_reruns_a_shared_gan_only_for_an_unfinished_seed(tmp_path, monkeypatch):
+    """A study continued from its export (`study export`, then `run --reuse`): the regime's GAN
+    is trained again only because a segmenter still to run reads its images, and the re-run
+    GAN synthesises the same images (same seed, CPU and versions)."""
+    from emsynth.study.export import export_study
+
+    trained = []
+    original = emsynth.gan.train.train_gan
+    monkeypatch.setattr(emsynth.gan.train, "train_gan",
+                        lambda cfg, run_dir, resume=True, volumes=None:
+                        trained.append(run_dir) or original(cfg, run_dir, resume, volumes))
+    cfg = StudyConfig.model_validate(config(
+        share_gan=True, regimes=[{"name": "all", "slices": "all"}]))
+    study, export = tmp_path / "study", tmp_path / "export"
+    index = runner.run_study(cfg, study)
+    assert len(trained) == 1
+    summary = export_study(study, export)
+    assert summary.cells == summary.planned == len(index["cells"])
+    runner.run_study(cfg, tmp_path / "whole", reuse=[export])
+    assert len(trained) == 1  # every cell finished in the export: nothing to train
+
+    unfinished = next(c for c in index["cells"] if c["kind"] == "eval"
+                      and c["labels"]["seed"] == 1 and c["labels"]["condition"] == "synthetic")
+    shutil.rmtree(export / "cells" / unfinished["name"])
+    again = tmp_path / "again"
+    runner.run_study(cfg, again, reuse=[export])
+    assert len(trained) == 2  # the shared GAN, for seed 1's synthetic segmenter
+    gan = next(c for c in index["cells"] if c["kind"] == "gan" and c["labels"]["seed"] == 1)
+    mine, theirs = (read_volume(folder / "cells" / gan["name"] / cells.SYNTHETIC_DIR,
+                                "slices").image for folder in (again, study))
+    np.testing.assert_array_equal(mine, theirs)
+    seed0 = next(c for c in index["cells"] if c["kind"] == "gan" and c["labels"]["seed"] == 0)
+    assert not (again / "cells" / seed0["name"] / cells.SYNTHETIC_DIR).exists()  # not needed
+    assert build_report(again)[0].missing == 0

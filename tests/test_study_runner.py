@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,9 +157,10 @@ def test_crash_loses_only_the_cell_in_flight(tmp_path, calls, monkeypatch):
     assert calls == {"segment": 2, "eval": 2}
     index = json.loads((study / "study.json").read_text())
     assert index["status"] == "failed"
-    done = [c["done"] for c in index["cells"]]
-    assert done == [True, True, True, True, False, False, False, False]
-    crashed = study / "cells" / index["cells"][4]["name"] / "cell.json"
+    # Regime by regime: both seeds of the first regime, then the crash in the second.
+    done = [c["done"] for c in index["cells"]]  # planned seed by seed
+    assert done == [True, True, False, False, True, True, False, False]
+    crashed = study / "cells" / index["cells"][2]["name"] / "cell.json"
     failed = json.loads(crashed.read_text())
     assert failed["status"] == "failed" and "simulated crash" in failed["error"]
 
@@ -469,3 +472,65 @@ def test_reuse_copies_finished_cells_of_another_study(tmp_path, calls):
             assert record["adopted_from"] == str(theirs)
             assert (second / "cells" / entry["name"] / "result.json").read_text() == \
                 (theirs / "result.json").read_text()
+
+
+def test_an_export_carries_a_study_to_a_folder_without_its_models(tmp_path, calls):
+    """`study export` keeps records, results and the report's previews, not models; --reuse
+    of the export counts its cells as finished, and re-runs a segmenter only where a cell still
+    to run (an evaluation missing from the export, or one on a new test set) needs its model."""
+    cfg = StudyConfig.model_validate(tiny_config())
+    study, export = tmp_path / "study", tmp_path / "results" / "study"
+    runner.run_study(cfg, study)
+    assert calls == {"segment": 4, "eval": 4}
+    result = CliRunner().invoke(app, ["study", "export", str(study), "-o", str(export)])
+    assert result.exit_code == 0, result.output
+    assert "exported 8 of 8 cells" in result.output
+    assert not list(export.rglob("*.safetensors")) and not list(export.glob("cells/*/*/"))
+    first_seed_evals = [c for c in json.loads((study / "study.json").read_text())["cells"]
+                        if c["kind"] == "eval"]
+    previews = sorted(p.parent.name for p in export.glob("cells/*/preview.npz"))
+    assert previews == sorted(c["name"] for c in first_seed_evals if c["labels"]["seed"] == 0)
+
+    # Everything in the export: nothing runs, the results are the study's own.
+    whole = tmp_path / "whole"
+    assert runner.run_study(cfg, whole, reuse=[export])["status"] == "finished"
+    assert calls == {"segment": 4, "eval": 4}
+    for mine in whole.glob("cells/*/result.json"):
+        assert mine.read_text() == (study / "cells" / mine.parent.name / "result.json").read_text()
+        record = json.loads((mine.parent / "cell.json").read_text())
+        assert record["artifacts"] is False and record["adopted_from"].startswith(str(export))
+    assert build_report(whole)[0].missing == 0
+
+    # One evaluation missing from the export: its segmenter is trained again (the same result:
+    # same seed, CPU and versions), the other cells come from the export.
+    index = json.loads((study / "study.json").read_text())
+    seg, ev = index["cells"][2], index["cells"][3]
+    shutil.rmtree(export / "cells" / ev["name"])
+    partial = tmp_path / "partial"
+    runner.run_study(cfg, partial, reuse=[export])
+    assert calls == {"segment": 5, "eval": 5}
+    for name in (seg["name"], ev["name"]):
+        theirs = json.loads((study / "cells" / name / "result.json").read_text())
+        mine = json.loads((partial / "cells" / name / "result.json").read_text())
+        assert mine["threshold"] == theirs["threshold"]
+        assert "artifacts" not in json.loads((partial / "cells" / name / "cell.json").read_text())
+    assert (partial / "cells" / seg["name"] / "model" / "model.safetensors").is_file()
+
+    # A new test set after the export was taken back: every segmenter's model is needed again.
+    other = tiny_config(test={"phantom": {"domain": "ca1", "slices": 3, "size": 128, "seed": 1}})
+    runner.run_study(StudyConfig.model_validate(other), whole, reuse=[export])
+    assert calls == {"segment": 9, "eval": 9}
+
+
+def test_export_of_a_folder_without_study_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from emsynth.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["emsynth", "study", "export", str(tmp_path), "-o",
+                                      str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no readable study.json" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -85,8 +85,10 @@ def run_cmd(
     ] = None,
     reuse: Annotated[
         list[Path] | None,
-        typer.Option("--reuse", help="Another study folder: its finished cells with the same "
-                     "key (same settings and inputs) are copied instead of run; repeatable."),
+        typer.Option("--reuse", help="Another study folder, or an export of one (`emsynth "
+                     "study export`): its finished cells with the same key (same settings and "
+                     "inputs) are copied instead of run; an exported cell whose models a cell "
+                     "still to run needs runs again. Repeatable."),
     ] = None,
     worker_of: Annotated[int, typer.Option("--worker-of", hidden=True)] = 1,
 ) -> None:
@@ -136,3 +138,27 @@ def report_cmd(
     provenance of every cell. Works on a study still running (it reports what is finished).
     """
     _print_report(study_dir, Console())
+
+
+@app.command("export")
+def export_cmd(
+    study_dir: Annotated[Path, typer.Argument(help="Folder of a study (its --study-dir).")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Where the light copy goes; default "
+                     "results/study/<study folder name>."),
+    ] = None,
+) -> None:
+    """Write a light copy of a study (records, results, the report's previews; no models or
+    images), small enough to commit, so a study can span sessions whose run folders are gone.
+
+    Continue it elsewhere with `emsynth study run CONFIG --reuse EXPORT`: exported cells count
+    as finished; one whose models or images a cell still to run reads (a GAN whose regime is
+    unfinished) runs again. `emsynth study report EXPORT` reports what it holds.
+    """
+    from emsynth.study.export import export_study
+
+    target = out or Path("results") / "study" / study_dir.name
+    summary = export_study(study_dir, target)
+    Console().print(f"exported {summary.cells} of {summary.planned} cells "
+                    f"({summary.bytes / 1e6:.1f} MB) to {target}", highlight=False)

@@ -31,6 +31,7 @@ from emsynth.engine import runinfo
 from emsynth.engine.checkpoint import CHECKPOINT_DIR
 from emsynth.io import atomic_write_text, plain
 from emsynth.study.layout import (
+    ARTIFACTS,
     CELLS_DIR,
     DONE,
     LOCK,
@@ -185,22 +186,37 @@ class Cell:
             return False  # being written, or held on another machine that refreshes it
         return not _pid_alive(int(holder.get("pid", -1)))
 
-    def adopt(self, study_dirs: list[Path]) -> Path | None:
-        """Copy this cell, finished, from another study folder that has it (same key: same
-        settings and inputs, so the same result); the done marker is copied last. Returns the
-        folder it came from, or None. The record keeps its provenance plus `adopted_from`."""
+    @property
+    def has_artifacts(self) -> bool:
+        """Whether the cell's folder holds what later cells read (models, images), not only
+        its result: False for a cell taken from an exported study (`emsynth study export`)."""
+        return (self.record() or {}).get(ARTIFACTS, True) is not False
+
+    def finished_in(self, study_dirs: list[Path], artifacts: bool = False) -> Cell | None:
+        """This cell, finished, in the first other study folder (or export) that has it, with
+        its artifacts if `artifacts` (a cell still to run reads them)."""
         for study_dir in study_dirs:
             other = Cell(study_dir, self.spec)
-            if other.dir.resolve() == self.dir.resolve() or not other.done:
-                continue
-            shutil.copytree(other.dir, self.dir, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns(LOCK, DONE))
-            record = self.record() or {}
-            record["adopted_from"] = str(other.dir)
-            self._write_record(record)
-            shutil.copy2(other.dir / DONE, self.dir / DONE)
-            return other.dir
+            if other.dir.resolve() != self.dir.resolve() and other.done \
+                    and (other.has_artifacts or not artifacts):
+                return other
         return None
+
+    def adopt(self, study_dirs: list[Path], artifacts: bool = False) -> Path | None:
+        """Copy this cell, finished, from another study folder that has it (same key: same
+        settings and inputs, so the same result; with its artifacts if `artifacts`); the done
+        marker is copied last. Returns the folder it came from, or None. The record keeps its
+        provenance plus `adopted_from`."""
+        other = self.finished_in(study_dirs, artifacts)
+        if other is None:
+            return None
+        shutil.copytree(other.dir, self.dir, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(LOCK, DONE))
+        record = self.record() or {}
+        record["adopted_from"] = str(other.dir)
+        self._write_record(record)
+        shutil.copy2(other.dir / DONE, self.dir / DONE)
+        return other.dir
 
     def drop_checkpoints(self) -> None:
         """Delete the training checkpoints of a finished cell: its exported model is what later

@@ -9,6 +9,10 @@ names from here, so the report needs none of the study's internals.
                                 (a GAN cell: one preview per mask layout, `layout_preview`),
                                 lock.json while a process runs it
     STUDY_DIR/logs/worker-<k>.log  the output of `study run --workers N`'s helper processes
+
+An export (`emsynth study export`) has the same files without the cells' subfolders (models,
+synthetic images, runs): study.json, study.yaml, previews/ and each finished cell's JSON files,
+with the previews the report shows; its records say `"artifacts": false`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ RECORD = "cell.json"
 RESULT = "result.json"
 DONE = "done.json"
 LOCK = "lock.json"
+#: Record key, false in an exported cell: its result is there, its models and images are not.
+ARTIFACTS = "artifacts"
 PREVIEW = "preview.npz"
 #: The GAN cell's real training data as the GAN saw it (with predicted membranes, if any).
 REAL_PREVIEW = "preview_real.npz"

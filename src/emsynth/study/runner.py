@@ -561,6 +561,25 @@ class LockRefresher:
         self.cell.unlock()
 
 
+def settle_exported(planned: list[Planned], reuse: list[Path]) -> set[str]:
+    """Cells finished without their artifacts (from an export: results, no models) stand as
+    done unless a cell still to run reads them; those run again, and so on up their inputs.
+    Returns the keys of the cells whose artifacts a cell still to run reads. Walks the plan
+    from its end (a cell's inputs are planned before it)."""
+    read_later: set[str] = set()
+    for item in reversed(planned):
+        cell = item.cell
+        artifacts = cell.spec.key in read_later
+        if cell.done and (cell.has_artifacts or not artifacts):
+            continue
+        if cell.finished_in(reuse, artifacts) is not None:
+            continue  # copied when its turn comes
+        if cell.done:
+            cell.clear()  # its result alone is here, and a cell to run reads its models
+        read_later.update(dep.spec.key for dep in item.deps)
+    return read_later
+
+
 def take_next(pending: list[Planned]) -> Planned | None:
     """The first pending cell whose inputs are done and that this process could lock."""
     for item in pending:
@@ -585,6 +604,7 @@ def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console,
         forget(state, planned)
     write_index(state, planned, "running", started_at)
     write_real_previews(state)
+    read_later = settle_exported(planned, reuse or [])
     progress = StudyProgress(planned, console, workers)
     cached = [p for p in planned if p.cell.done]
     for item in cached:
@@ -593,6 +613,10 @@ def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console,
         console.print(f"{len(cached)} of {len(planned)} cells already done (skipped)")
     pending = [p for p in planned if not p.cell.done
                and (kinds is None or p.cell.spec.kind in kinds)]
+    # Regime by regime (stable, so within a regime the plan's order): a run that stops early
+    # leaves whole regimes finished, whose GANs the next run does not need again.
+    rank = {regime.name: i for i, regime in enumerate(cfg.regimes)}
+    pending.sort(key=lambda p: rank.get(p.cell.spec.labels.get("regime"), -1))
     waiting = False
     while pending:
         item = take_next(pending)
@@ -618,7 +642,7 @@ def _run(cfg: StudyConfig, study_dir: Path, resume: bool, console: Console,
             continue
         waiting = False
         pending.remove(item)
-        source = item.cell.adopt(reuse) if reuse else None
+        source = item.cell.adopt(reuse, item.cell.spec.key in read_later) if reuse else None
         if source is not None:
             item.cell.unlock()
             progress.finished(item, None)
