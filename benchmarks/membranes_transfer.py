@@ -1,7 +1,8 @@
 """Membrane transfer from Drosophila VNC: held-out VNC, cross-dataset ISBI 2012, CA1 plausibility.
 
-Trains one membrane model per augmentation variant on drosophila_vnc slices 0-15 (threshold
-chosen on 16-19), each with the same config and wall-clock budget, then reports for each:
+Trains one membrane model per augmentation variant on drosophila_vnc slices 0-10 (threshold
+chosen on 16-19; 11-15 are the preset's data.val_gap), each with the same config and budget,
+then reports for each:
 
 - held-out VNC slices 16-19: membrane F1 and IoU (pixel-wise, membrane class, whole block);
 - ISBI 2012 train (30 slices, 0 = membrane in its files): membrane F1 and IoU; ISBI has no
