@@ -482,7 +482,8 @@ def test_an_export_carries_a_study_to_a_folder_without_its_models(tmp_path, call
     study, export = tmp_path / "study", tmp_path / "results" / "study"
     runner.run_study(cfg, study)
     assert calls == {"segment": 4, "eval": 4}
-    result = CliRunner().invoke(app, ["study", "export", str(study), "-o", str(export)])
+    result = CliRunner().invoke(app, ["study", "export", str(study), "-o", str(export),
+                                      "--previews"])
     assert result.exit_code == 0, result.output
     assert "exported 8 of 8 cells" in result.output
     assert not list(export.rglob("*.safetensors")) and not list(export.glob("cells/*/*/"))

@@ -148,9 +148,15 @@ def export_cmd(
         typer.Option("--out", "-o", help="Where the light copy goes; default "
                      "results/study/<study folder name>."),
     ] = None,
+    previews: Annotated[
+        bool,
+        typer.Option("--previews/--no-previews",
+                     help="Also copy the image previews the report draws (binary, a few MB)."),
+    ] = False,
 ) -> None:
-    """Write a light copy of a study (records, results, the report's previews; no models or
-    images), small enough to commit, so a study can span sessions whose run folders are gone.
+    """Write a light copy of a study (records and results; no models, images or, unless
+    --previews, image previews), small enough to commit, so a study can span sessions whose
+    run folders are gone.
 
     Continue it elsewhere with `emsynth study run CONFIG --reuse EXPORT`: exported cells count
     as finished; one whose models or images a cell still to run reads (a GAN whose regime is
@@ -159,6 +165,6 @@ def export_cmd(
     from emsynth.study.export import export_study
 
     target = out or Path("results") / "study" / study_dir.name
-    summary = export_study(study_dir, target)
+    summary = export_study(study_dir, target, previews)
     Console().print(f"exported {summary.cells} of {summary.planned} cells "
                     f"({summary.bytes / 1e6:.1f} MB) to {target}", highlight=False)

@@ -1,9 +1,10 @@
 """`emsynth study export`: a light copy of a study folder, small enough to commit, so a study
 can span machines or sessions that do not keep the run folder.
 
-The copy holds study.json, study.yaml, the real-data previews and, for every finished cell of
-the plan, its record, result and done marker, plus the previews the report draws (those of the
-study's first seed). Models, synthetic images and training runs stay behind, and each record
+The copy holds study.json, study.yaml and, for every finished cell of the plan, its record,
+result and done marker; with `previews`, also the image previews the report draws (the
+real-data ones and those of the study's first seed's cells: binary, so off for a copy that is
+committed; a report of the continued study then draws those figures for the regimes it ran). Models, synthetic images and training runs stay behind, and each record
 says so (`"artifacts": false`). `emsynth study run --reuse EXPORT` then takes the exported
 cells as finished and re-runs only those whose models or images a cell still to run reads
 (`runner.settle_exported`): with a deterministic cell (same CPU kind, versions and seed) the
@@ -59,7 +60,8 @@ def _finished(folder: Path, key: str) -> bool:
         return False
 
 
-def export_study(study_dir: str | Path, out: str | Path) -> ExportSummary:
+def export_study(study_dir: str | Path, out: str | Path,
+                 previews: bool = False) -> ExportSummary:
     """Write the light copy of `study_dir` to `out` (replacing an earlier export there as a
     whole: it is built beside it and renamed into place)."""
     study_dir, out = Path(study_dir), Path(out)
@@ -74,7 +76,7 @@ def export_study(study_dir: str | Path, out: str | Path) -> ExportSummary:
     for name in (STUDY_JSON, STUDY_YAML):
         if (study_dir / name).is_file():
             shutil.copy2(study_dir / name, staging / name)
-    if (study_dir / PREVIEWS_DIR).is_dir():
+    if previews and (study_dir / PREVIEWS_DIR).is_dir():
         shutil.copytree(study_dir / PREVIEWS_DIR, staging / PREVIEWS_DIR)
     exported = 0
     for entry in index["cells"]:
@@ -88,7 +90,7 @@ def export_study(study_dir: str | Path, out: str | Path) -> ExportSummary:
         record["exported_from"] = str(source)
         atomic_write_text(target / RECORD, json.dumps(record, indent=2) + "\n")
         shutil.copy2(source / RESULT, target / RESULT)
-        if entry["labels"].get("seed") == first_seed:  # the previews the report draws
+        if previews and entry["labels"].get("seed") == first_seed:  # what the report draws
             for preview in source.glob("preview*.npz"):
                 shutil.copy2(preview, target / preview.name)
         shutil.copy2(source / DONE, target / DONE)

@@ -11,8 +11,8 @@ names from here, so the report needs none of the study's internals.
     STUDY_DIR/logs/worker-<k>.log  the output of `study run --workers N`'s helper processes
 
 An export (`emsynth study export`) has the same files without the cells' subfolders (models,
-synthetic images, runs): study.json, study.yaml, previews/ and each finished cell's JSON files,
-with the previews the report shows; its records say `"artifacts": false`.
+synthetic images, runs): study.json, study.yaml and each finished cell's JSON files (with
+--previews also the .npz previews); its records say `"artifacts": false`.
 """
 
 from __future__ import annotations
