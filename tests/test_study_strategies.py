@@ -85,6 +85,27 @@ def test_add_keeps_every_real_crop_and_raises_the_steps(tmp_path, data, drawn):
     assert drawn["synthetic"] == 6 * BATCH - 3 * BATCH
 
 
+def test_the_safety_net_scales_with_the_steps_add_plans(tmp_path, data, monkeypatch):
+    """A wall-clock net sized for the regime's steps must not cut an add run (twice the steps)
+    short: lucchi_cpu's all-slice add runs stopped at ~6400 of 8000 steps before it scaled."""
+    real, synthetic, val = data
+    seen = []
+    original = cells.fit_task
+
+    def fit(task, *args, **kwargs):
+        seen.append((task.cfg.engine.steps, task.cfg.engine.max_time))
+        return original(task, *args, **kwargs)
+
+    monkeypatch.setattr(cells, "fit_task", fit)
+    engine = {**ENGINE, "max_time": 60.0}
+    cfg = config(mix={"strategy": "add", "synthetic_share": 0.75},
+                 segment={**config().segment.model_dump(mode="json"), "engine": engine})
+    cells.run_segment(cell(tmp_path, "real"), cfg, "real", 0, real, None, val, steps=3)
+    cells.run_segment(cell(tmp_path, "add"), cfg, "real+synthetic", 0, real, synthetic, val,
+                      steps=3)
+    assert seen == [(3, 60.0), (12, 240.0)]
+
+
 def test_add_sampler_spreads_the_real_crops_exactly():
     class Fake:
         def __init__(self, tag):

@@ -316,8 +316,15 @@ def segment_config(cfg: StudyConfig, seed: int, steps: int | None = None) -> Seg
 
 
 def with_steps(seg_cfg: SegmentConfig, steps: int) -> SegmentConfig:
-    return seg_cfg.model_copy(update={"engine": seg_cfg.engine.model_copy(
-        update={"steps": steps})})
+    """`seg_cfg` at `steps`, its wall-clock safety net scaled with them: a run planned at twice
+    the steps (add at share 0.5) gets twice the time, so the net does not cut it short where
+    the real-only run of the same regime finishes (lucchi_cpu's all-slice add runs stopped at
+    6341-6498 of 8000 steps before it scaled)."""
+    engine = seg_cfg.engine
+    update: dict[str, Any] = {"steps": steps}
+    if engine.max_time is not None:
+        update["max_time"] = engine.max_time * steps / engine.steps
+    return seg_cfg.model_copy(update={"engine": engine.model_copy(update=update)})
 
 
 class AddSampler:
