@@ -55,6 +55,11 @@ def run_with_workers(cfg: StudyConfig, config: Path, overrides: list[str], study
                                              stdin=subprocess.DEVNULL), log))
     console.print(f"{workers} workers x {threads} torch thread(s); helpers log to {logs}/",
                   highlight=False)
+    cores = thread_count(None)
+    if workers * threads > cores:
+        console.print(f"[yellow]{workers} x {threads} threads on {cores} usable cores: cells run "
+                      "slower, and a wall-clock safety net (engine.max_time) may stop one short "
+                      "of its steps[/]", highlight=False)
     try:
         run_study(cfg, study_dir, resume=True, console=console, workers=workers, kinds=kinds,
                   reuse=reuse)
