@@ -165,6 +165,6 @@ def export_cmd(
     from emsynth.study.export import export_study
 
     target = out or Path("results") / "study" / study_dir.name
-    summary = export_study(study_dir, target, previews)
+    summary = export_study(study_dir, target, previews=previews)
     Console().print(f"exported {summary.cells} of {summary.planned} cells "
                     f"({summary.bytes / 1e6:.1f} MB) to {target}", highlight=False)

@@ -4,9 +4,10 @@ can span machines or sessions that do not keep the run folder.
 The copy holds study.json, study.yaml and, for every finished cell of the plan, its record,
 result and done marker; with `previews`, also the image previews the report draws (the
 real-data ones and those of the study's first seed's cells: binary, so off for a copy that is
-committed; a report of the continued study then draws those figures for the regimes it ran). Models, synthetic images and training runs stay behind, and each record
-says so (`"artifacts": false`). `emsynth study run --reuse EXPORT` then takes the exported
-cells as finished and re-runs only those whose models or images a cell still to run reads
+committed; a report of the continued study then draws those figures for the regimes it ran).
+Models, synthetic images and training runs stay behind, and each record says so
+(`"artifacts": false`). `emsynth study run --reuse EXPORT` then takes the exported cells as
+finished and re-runs only those whose models or images a cell still to run reads
 (`runner.settle_exported`): with a deterministic cell (same CPU kind, versions and seed) the
 re-run gives the same result; elsewhere it is a fresh draw of the same recipe, which the record
 of the cells trained from it tells (their `git`/`compute` provenance).

@@ -39,7 +39,8 @@ def helper_command(config: Path, overrides: list[str], study_dir: Path, workers:
 def run_with_workers(cfg: StudyConfig, config: Path, overrides: list[str], study_dir: Path,
                      workers: int, resume: bool, console: Console,
                      kinds: list[str] | None = None, reuse: list[Path] | None = None) -> None:
-    threads = cfg.num_threads or max(1, thread_count(None) // workers)
+    cores = thread_count(None)
+    threads = cfg.num_threads or max(1, cores // workers)
     cfg = cfg.model_copy(update={"num_threads": threads})
     study_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -55,7 +56,6 @@ def run_with_workers(cfg: StudyConfig, config: Path, overrides: list[str], study
                                              stdin=subprocess.DEVNULL), log))
     console.print(f"{workers} workers x {threads} torch thread(s); helpers log to {logs}/",
                   highlight=False)
-    cores = thread_count(None)
     if workers * threads > cores:
         console.print(f"[yellow]{workers} x {threads} threads on {cores} usable cores: cells run "
                       "slower, and a wall-clock safety net (engine.max_time) may stop one short "
