@@ -13,7 +13,7 @@ not rescored, and TSTR's real-trained reference is trained once per dataset (`--
 Data and the choice: the generators are scored on held-out slices that act as validation
 slices, a gap of 5 slices from anything they trained on (data.val_gap). VNC: the GANs train on
 slices 0-10 and are scored on 16-19; the reference segmenter trains on 0-8 and picks its
-threshold on 14-15. CA1: only the study's training and validation blocks (slices 0-129 of
+threshold on 14-15 (a fixed --ref-steps, 2000 by default, one thread). CA1: only the study's training and validation blocks (slices 0-129 of
 Lucchi++; the study's test block 135-164 is never read): the membranes are predicted for 0-129
 by the VNC membrane model, the GANs train on 0-104 and are scored on 115-129 (the study's
 validation block), the reference segmenter trains on 0-99 and picks its threshold on 105-109.
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000, help="GAN steps of every variant")
     parser.add_argument("--max-time", default="70m", help="each GAN's safety net")
     parser.add_argument("--tstr-steps", type=int, default=300)
+    parser.add_argument("--ref-steps", type=int, default=2000,
+                        help="steps of the reference segmenter behind FCN-score and FID features")
     parser.add_argument("--jobs", type=int, default=2, help="GANs at once, one thread each")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--synthesis", choices=["tiles", "whole"], default="tiles",
@@ -140,21 +142,22 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     ds = datasets(args.runs)[args.dataset]
     out = args.runs / "gan12" / args.dataset
-    ref = args.runs / "segment" / f"{args.dataset}_ref"
+    ref = args.runs / "segment" / f"{args.dataset}_ref{args.ref_steps}"
 
     for marker, cmd in ds["prepare"]:
         if not marker.exists():
             run_all([(cmd, out / f"prepare_{cmd[0]}_{cmd[1]}.log")], 1)
     if not (ref / "model").is_dir():
         run_all([(["segment", "train", "-c", "configs/segment/cpu.yaml", *ds["ref"], "-o",
-                   str(ref), "--max-time", "8m"], out / "ref.log")], 1)
+                   str(ref), "-s", f"engine.steps={args.ref_steps}", "-s", "engine.max_time=null",
+                   "-s", "engine.num_threads=1"], out / "ref.log")], 1)
 
     train = []
     for name in names:
         run_dir = out / f"{name}"
         if finished(run_dir, args.steps):
             continue
-        overrides = [o.format(ref=ref) for o in VARIANTS[name]]
+        overrides = [o.replace("{ref}", str(ref)) for o in VARIANTS[name]]
         cmd = ["gan", "train", "-c", "configs/gan/cpu.yaml", "-d", *ds["data"], *ds["gan"],
                "-s", "engine.num_threads=1", "--steps", str(args.steps),
                "--max-time", args.max_time, "-o", str(run_dir)]

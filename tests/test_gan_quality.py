@@ -285,6 +285,10 @@ def test_evaluate_generator_end_to_end(tmp_path):
         assert saved[key] == pytest.approx(scores[key], rel=1e-6), key
     assert saved["tstr_steps"] == 2 and saved["tstr_test_slices"] == [1]
     assert saved["synthesis"] == "whole slices"
+    # Every saved score names the CPU kind and the precision it was computed in.
+    from emsynth.engine.device import cpu_kind, resolve_precision
+    assert saved["provenance"]["cpu"] == cpu_kind()
+    assert saved["provenance"]["precision"] == resolve_precision("auto", torch.device("cpu"))
     # Without --whole-slice the CLI scores images made as `gan synthesize` makes them: tiles.
     tiled = CliRunner().invoke(app, [
         "gan", "evaluate", "--generator", str(tmp_path / "gan"), "--data",

@@ -100,6 +100,15 @@ def command_line() -> list[str]:
     return list(sys.argv)
 
 
+def provenance(device: torch.device, precision: str) -> dict[str, Any]:
+    """What a result computed outside an engine run (a score, a benchmark) records beside it:
+    the CPU kind and the precision it ran in, software versions, commit and command."""
+    return {"device": str(device), "cpu": cpu_kind(),
+            "precision": choose_precision(precision, device).precision,
+            "threads": torch.get_num_threads(), "versions": versions(), "git": git_state(),
+            "command": command_line(), "at": now_iso()}
+
+
 #: What is kept of each earlier session when a run is resumed.
 SESSION_KEYS = ("started_at", "ended_at", "start_step", "end_step", "stop_reason", "status", "git",
                 "host")

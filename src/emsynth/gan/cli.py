@@ -297,6 +297,7 @@ def evaluate_cmd(
     from emsynth.data.readers import read_volume
     from emsynth.data.slices import parse_slices
     from emsynth.engine.device import resolve_device
+    from emsynth.engine.runinfo import provenance
     from emsynth.gan.inference import choose_tiling
     from emsynth.gan.quality import PSNR_CAP_DB, evaluate_generator, load_segmenter
     from emsynth.io import atomic_write_text
@@ -312,9 +313,10 @@ def evaluate_cmd(
     volume = read_volume(data, layout)
     if slices is not None:
         volume = volume.select(parse_slices(slices, len(volume), "--slices"))
+    run_device = resolve_device(device)
     scores = evaluate_generator(generator, volume, segmenter, crops=crops, crop_size=crop_size,
                                 seed=seed, dropout=dropout, kid_subsets=kid_subsets,
-                                device=resolve_device(device), precision=precision,
+                                device=run_device, precision=precision,
                                 progress=True, tstr_steps=tstr_steps, tstr_config=recipe,
                                 tstr_dir=tstr_dir, tstr_cache=tstr_cache, tiling=tiling)
     table = Table(title=f"GAN quality on {scores['slices']} slices of {data}")
@@ -356,7 +358,8 @@ def evaluate_cmd(
         table.add_row(*row)
     out.print(table)
     if json_out is not None:
-        atomic_write_text(json_out, json.dumps(scores, indent=2))
+        record = {**scores, "provenance": provenance(run_device, precision)}
+        atomic_write_text(json_out, json.dumps(record, indent=2))
         out.print(f"wrote {json_out}", highlight=False)
 
 
