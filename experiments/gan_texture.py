@@ -13,12 +13,13 @@ not rescored, and TSTR's real-trained reference is trained once per dataset (`--
 Data and the choice: the generators are scored on held-out slices that act as validation
 slices, a gap of 5 slices from anything they trained on (data.val_gap). VNC: the GANs train on
 slices 0-10 and are scored on 16-19; the reference segmenter trains on 0-8 and picks its
-threshold on 14-15 (a fixed --ref-steps, 2000 by default, one thread). CA1: only the study's training and validation blocks (slices 0-129 of
-Lucchi++; the study's test block 135-164 is never read): the membranes are predicted for 0-129
-by the VNC membrane model, the GANs train on 0-104 and are scored on 115-129 (the study's
-validation block), the reference segmenter trains on 0-99 and picks its threshold on 105-109.
-The membrane model is the one the CA1 measurement used: VNC 0-15, threshold on 16-19 (VNC is
-another volume, so its own split does not touch CA1's blocks).
+threshold on 14-15 (a fixed --ref-steps, 2000 by default, one thread). CA1: only the study's
+training and validation blocks (slices 0-129 of Lucchi++; the study's test block 135-164 is
+never read): the membranes are predicted for 0-129 by the VNC membrane model, the GANs train on
+0-104 and are scored on 115-129 (the study's validation block), the reference segmenter trains
+on 0-99 and picks its threshold on 105-109. The membrane model is the one the CA1 measurement
+used: VNC 0-15, threshold on 16-19 (VNC is another volume, so its own split does not touch
+CA1's blocks).
 Runs go to runs/gan12/<dataset>/<variant>.
 """
 

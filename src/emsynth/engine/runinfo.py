@@ -103,9 +103,8 @@ def command_line() -> list[str]:
 def provenance(device: torch.device, precision: str) -> dict[str, Any]:
     """What a result computed outside an engine run (a score, a benchmark) records beside it:
     the CPU kind and the precision it ran in, software versions, commit and command."""
-    return {"device": str(device), "cpu": cpu_kind(),
-            "precision": choose_precision(precision, device).precision,
-            "threads": torch.get_num_threads(), "versions": versions(), "git": git_state(),
+    return {"device": str(device), "precision": choose_precision(precision, device).precision,
+            **host_info(device), "versions": versions(), "git": git_state(),
             "command": command_line(), "at": now_iso()}
 
 
