@@ -3,6 +3,7 @@
     python experiments/gan_texture.py --dataset vnc --variants today,han
     python experiments/gan_texture.py --dataset ca1 --variants today,han --tstr-steps 500
     python experiments/gan_texture.py --dataset vnc --variants all --jobs 2   # hours on 2 cores
+    python experiments/gan_texture.py --dataset ca1 --variants han --membranes cldice
 
 Every step is an emsynth command (printed before it runs), so each number can be reproduced
 by hand. Rerunning the same command skips what is done: a GAN whose run.json says "finished"
@@ -15,12 +16,17 @@ slices, a gap of 5 slices from anything they trained on (data.val_gap). VNC: the
 slices 0-10 and are scored on 16-19; the reference segmenter trains on 0-8 and picks its
 threshold on 14-15 (a fixed --ref-steps, 2000 by default, one thread). CA1: only the study's
 training and validation blocks (slices 0-129 of Lucchi++; the study's test block 135-164 is
-never read): the membranes are predicted for 0-129 by the VNC membrane model, the GANs train on
+never read): the membranes are predicted for 0-129 by a VNC membrane model, the GANs train on
 0-104 and are scored on 115-129 (the study's validation block), the reference segmenter trains
-on 0-99 and picks its threshold on 105-109. The membrane model is the one the CA1 measurement
-used: VNC 0-15, threshold on 16-19 (VNC is another volume, so its own split does not touch
-CA1's blocks).
-Runs go to runs/gan12/<dataset>/<variant>.
+on 0-99 and picks its threshold on 105-109. The membrane model is configs/membranes/cpu.yaml
+trained on VNC 0-15 with its threshold on 16-19 (VNC is another volume, so its own split does
+not touch CA1's blocks). `--membranes` picks the CA1 membrane channel (issue 12, item 5):
+`predicted` as is, `thin` (skeletonised and dilated back to VNC's width, --thin-width 8: VNC's
+labels are 8.6 px of 4.6 nm wide, 8 px of CA1's 5 nm) or `cldice` (a membrane model trained
+with soft clDice beside DiceCE, loss.cldice_weight 0.5, 5 skeleton iterations for ~9 px bands).
+Runs go to runs/gan12/<dataset>/<variant> (runs/gan12/ca1_<membranes>/<variant> for the other
+membrane channels); the CA1 reference segmenter reads only images and mitochondria, which all
+membrane channels share, so one serves them all.
 """
 
 from __future__ import annotations
@@ -54,11 +60,26 @@ VARIANTS: dict[str, list[str]] = {
     "consist": ["loss.consistency_weight=1", "loss.consistency_segmenter={ref}"],
     "han": HAN,
     "spade": ["model.arch=spade", "model.decoder_noise=0.1"],
+    "spade_han": [*HAN, "model.arch=spade"],
+}
+
+#: CA1 membrane channel -> (membrane-model overrides on configs/membranes/cpu.yaml, thin width).
+MEMBRANES: dict[str, tuple[list[str], int]] = {
+    "predicted": ([], 0),
+    "thin": ([], 8),
+    "cldice": (["loss.cldice_weight=0.5", "loss.cldice_iters=5"], 0),
 }
 
 
-def datasets(runs: Path) -> dict[str, dict]:
-    ca1 = runs / "membranes" / "ca1_0-129"
+def datasets(runs: Path, membranes: str = "predicted") -> dict[str, dict]:
+    model_overrides, thin_width = MEMBRANES[membranes]
+    model = runs / "membranes" / ("gan12_vnc" + ("_cldice" if model_overrides else ""))
+    ca1 = runs / "membranes" / ("ca1_0-129" + ("" if membranes == "predicted" else f"_{membranes}"))
+    train_model = ["membranes", "train", "-c", "configs/membranes/cpu.yaml", "-s",
+                   "data.train_slices=0-15", "-s", "data.val_gap=0", "-s", "engine.num_threads=1",
+                   "-s", "engine.max_time=null", "-o", str(model)]
+    for o in model_overrides:
+        train_model += ["-s", o]
     return {
         "vnc": {
             "data": [str(DATA / "drosophila_vnc")],
@@ -76,13 +97,11 @@ def datasets(runs: Path) -> dict[str, dict]:
             "ref": ["-d", str(ca1), "--layout", "slices", "--train-slices", "0-99",
                     "--val-slices", "105-109"],
             "prepare": [
-                (runs / "membranes" / "vnc" / "model",
-                 ["membranes", "train", "-c", "configs/membranes/cpu.yaml", "-s",
-                  "data.train_slices=0-15", "-s", "data.val_gap=0",
-                  "-o", str(runs / "membranes" / "vnc")]),
+                (model / "model", train_model),
                 (ca1 / "prediction.json",
-                 ["membranes", "predict", "-m", str(runs / "membranes" / "vnc"),
-                  "-d", str(DATA / "lucchi_pp" / "train"), "--slices", "0-129", "-o", str(ca1)]),
+                 ["membranes", "predict", "-m", str(model), "-d", str(DATA / "lucchi_pp" / "train"),
+                  "--slices", "0-129", "--threads", "1", "--thin-width", str(thin_width),
+                  "-o", str(ca1)]),
             ],
         },
     }
@@ -134,6 +153,9 @@ def main() -> None:
     parser.add_argument("--synthesis", choices=["tiles", "whole"], default="tiles",
                         help="score images made in training-crop tiles (emsynth gan "
                         "synthesize's default) or whole slices (--whole-slice)")
+    parser.add_argument("--membranes", choices=list(MEMBRANES), default="predicted",
+                        help="CA1's membrane channel: as predicted, thinned to VNC's width, or "
+                        "from a clDice-trained membrane model")
     parser.add_argument("--figure", type=Path, default=None,
                         help="also draw held-out slices, zoomed, of every variant")
     args = parser.parse_args()
@@ -141,8 +163,11 @@ def main() -> None:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    ds = datasets(args.runs)[args.dataset]
-    out = args.runs / "gan12" / args.dataset
+    if args.membranes != "predicted" and args.dataset != "ca1":
+        parser.error("--membranes applies to --dataset ca1 (VNC has true membranes)")
+    ds = datasets(args.runs, args.membranes)[args.dataset]
+    out = args.runs / "gan12" / (args.dataset + ("" if args.membranes == "predicted"
+                                                 else f"_{args.membranes}"))
     ref = args.runs / "segment" / f"{args.dataset}_ref{args.ref_steps}"
 
     for marker, cmd in ds["prepare"]:
@@ -178,7 +203,8 @@ def main() -> None:
         score.append((["gan", "evaluate", "-g", str(out / f"{name}"), "-d",
                        *ds["data"], *ds["score"], "-s", str(ref), "--tstr-steps",
                        str(args.tstr_steps), "--tstr-config", "configs/segment/cpu.yaml",
-                       "--tstr-cache", str(out / "tstr_cache"), "--json",
+                       "--tstr-cache", str(args.runs / "gan12" / args.dataset / "tstr_cache"),
+                       "--json",
                        str(result), *(["--whole-slice"] if args.synthesis == "whole" else [])],
                       result.with_suffix(".log")))
     run_all(score, args.jobs)

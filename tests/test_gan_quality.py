@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -17,13 +22,14 @@ from typer.testing import CliRunner
 from emsynth.cli import app
 from emsynth.config import load_config
 from emsynth.data.phantom import generate_volume
-from emsynth.data.volume import Volume
+from emsynth.data.volume import MEMBRANE, MITO, Volume
 from emsynth.data.writers import write_slice_folder
 from emsynth.errors import EmsynthError
 from emsynth.gan.config import GanConfig
 from emsynth.gan.quality import (
     PSNR_CAP_DB,
     EncoderFeatures,
+    _train_once,
     evaluate_generator,
     frechet_distance,
     grey_level_distance,
@@ -240,6 +246,44 @@ def test_tstr_cache_reuses_the_real_reference_only_for_the_same_slices_and_recip
     longer = recipe.model_copy(deep=True)
     longer.engine.steps = 4
     assert tstr_real_key(volume, [0, 1], longer) != key
+    # other membranes (which the mito recipe never reads) share it; other mitochondria do not
+    thinned = Volume(volume.image,
+                     {**volume.labels, MEMBRANE: np.zeros_like(volume.labels[MEMBRANE])})
+    assert tstr_real_key(thinned, [0, 1], recipe) == key
+    other_mito = volume.labels[MITO].copy()
+    other_mito[0, :16, :16] = ~other_mito[0, :16, :16]
+    assert tstr_real_key(Volume(volume.image, {**volume.labels, MITO: other_mito}), [0, 1],
+                         recipe) != key
+    reads_membranes = recipe.model_copy(deep=True)
+    reads_membranes.data.inputs = ["image", MEMBRANE]
+    assert tstr_real_key(thinned, [0, 1], reads_membranes) != tstr_real_key(
+        volume, [0, 1], reads_membranes)
+
+
+def test_cached_reference_is_trained_once_across_processes(tmp_path):
+    """A reference another live process holds the lock on is waited for, not trained again;
+    a lock left by a dead process is taken over; no lock is left behind."""
+    folder = tmp_path / "tstr-real-key"
+    lock = tmp_path / "tstr-real-key.lock"
+    calls = []
+
+    def train():
+        calls.append(1)
+        (folder / "model").mkdir(parents=True)
+        (folder / "model" / "model.json").write_text("{}")
+
+    lock.mkdir()
+    (lock / "pid").write_text(str(os.getpid()))  # alive: someone else is training
+    threading.Timer(0.3, train).start()  # ... and finishes shortly
+    _train_once(train, folder, poll_s=0.05)
+    assert calls == [1] and lock.is_dir()  # waited; the owner's lock is the owner's to remove
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    shutil.rmtree(folder)
+    (lock / "pid").write_text(str(dead.pid))
+    _train_once(train, folder, poll_s=0.05)
+    assert calls == [1, 1] and not lock.exists()
 
 
 def test_evaluate_generator_end_to_end(tmp_path):

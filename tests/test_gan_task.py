@@ -73,6 +73,31 @@ def test_texture_presets_are_the_ablations_han_variant():
     assert gpu.model.model_copy(update={"ngf": 32, "ndf": 32}) == preset.model
 
 
+def test_texture_ablation_variants_are_valid_configs():
+    """Each generator variant and CA1 membrane channel of the ablation is a valid config; only
+    the clDice channel changes the membrane model's loss (the others share one model)."""
+    import importlib.util
+
+    from emsynth.membranes.config import MembraneConfig
+
+    root = GAN_TINY.parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "gan_texture", root.parent / "experiments" / "gan_texture.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    base = load_config(MembraneConfig, root / "membranes" / "cpu.yaml")
+    losses = {name: load_config(MembraneConfig, root / "membranes" / "cpu.yaml", overrides).loss
+              for name, (overrides, _) in experiment.MEMBRANES.items()}
+    assert losses["predicted"] == losses["thin"] == base.loss and base.loss.cldice_weight == 0
+    assert losses["cldice"].cldice_weight == 0.5 and losses["cldice"].cldice_iters == 5
+    # every generator variant is a valid GAN config that differs from today's preset
+    today = load_config(GanConfig, root / "gan" / "cpu.yaml")
+    for name, overrides in experiment.VARIANTS.items():
+        variant = load_config(GanConfig, root / "gan" / "cpu.yaml",
+                              [o.replace("{ref}", "runs/segment/ref") for o in overrides])
+        assert (variant == today) == (name == "today"), name
+
+
 def test_sample_batch_pairs_and_ranges(phantom):
     task = GanTask(_cfg(), [phantom])
     masks, image = task.sample_batch(np.random.default_rng(0))

@@ -32,7 +32,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -408,15 +411,46 @@ def tstr_split(n_slices: int) -> tuple[list[int], list[int]]:
 
 
 def tstr_real_key(volume: Volume, train_idx: list[int], cfg: Any) -> str:
-    """Content key of TSTR's real-trained reference: the training slices' images and masks and
-    the full recipe (steps and seed included). Generators scored on the same slices share it."""
+    """Content key of TSTR's real-trained reference: the training slices' images, the labels the
+    recipe reads (its target and label inputs) and the full recipe (steps and seed included).
+    Generators scored on the same slices share it, whatever other masks (e.g. membranes) they
+    were conditioned on."""
     digest = hashlib.sha256(cfg.model_dump_json().encode())
     train = volume.select(train_idx)
     digest.update(np.ascontiguousarray(train.image).tobytes())
-    for name in sorted(train.labels):
+    for name in sorted({cfg.data.target, *cfg.data.inputs} & set(train.labels)):
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(train.labels[name]).tobytes())
     return digest.hexdigest()[:16]
+
+
+def _train_once(train: Any, folder: Path, poll_s: float = 10.0) -> None:
+    """Run `train` (which writes a model into `folder`) unless the model is there. Generators
+    scored at once share one cached reference: the process training it holds `<folder>.lock`
+    (its pid inside) and the others wait for its model instead of training into the same folder;
+    a lock whose process has died is taken over."""
+    done = folder / MODEL_DIR / SIDECAR
+    lock = folder.with_name(folder.name + ".lock")
+    while not done.is_file():
+        try:
+            lock.mkdir(parents=True)
+        except FileExistsError:
+            try:
+                os.kill(int((lock / "pid").read_text()), 0)
+            except ProcessLookupError:  # its trainer died: take the lock over
+                shutil.rmtree(lock, ignore_errors=True)
+                continue
+            except (FileNotFoundError, ValueError, PermissionError):
+                pass  # pid not written yet, or another user's live process
+            time.sleep(poll_s)
+            continue
+        try:
+            (lock / "pid").write_text(str(os.getpid()))
+            if not done.is_file():
+                train()
+        finally:
+            (lock / "pid").unlink(missing_ok=True)
+            lock.rmdir()
 
 
 def tstr(volume: Volume, synthetic: Volume, steps: int, recipe: Any = None,
@@ -457,8 +491,10 @@ def tstr(volume: Volume, synthetic: Volume, steps: int, recipe: Any = None,
         if cache_dir is not None:
             folders["real"] = Path(cache_dir) / f"tstr-real-{tstr_real_key(volume, train_idx, cfg)}"
         for name, source in (("synthetic", synthetic), ("real", volume)):
-            if not (name == "real" and cache_dir is not None
-                    and (folders[name] / MODEL_DIR / SIDECAR).is_file()):
+            if name == "real" and cache_dir is not None:
+                _train_once(lambda: train_segmenter(cfg, volume.select(train_idx), folders["real"],
+                                                    resume=False), folders["real"])
+            else:
                 train_segmenter(cfg, source.select(train_idx), folders[name], resume=False)
             model = load_segmenter(folders[name], device)
             model.threshold = 0.5
