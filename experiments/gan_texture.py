@@ -71,10 +71,15 @@ MEMBRANES: dict[str, tuple[list[str], int]] = {
 }
 
 
+def channel_suffix(membranes: str) -> str:
+    """Folder-name suffix of a CA1 membrane channel: none for the default, predicted."""
+    return "" if membranes == "predicted" else f"_{membranes}"
+
+
 def datasets(runs: Path, membranes: str = "predicted") -> dict[str, dict]:
     model_overrides, thin_width = MEMBRANES[membranes]
     model = runs / "membranes" / ("gan12_vnc" + ("_cldice" if model_overrides else ""))
-    ca1 = runs / "membranes" / ("ca1_0-129" + ("" if membranes == "predicted" else f"_{membranes}"))
+    ca1 = runs / "membranes" / f"ca1_0-129{channel_suffix(membranes)}"
     train_model = ["membranes", "train", "-c", "configs/membranes/cpu.yaml", "-s",
                    "data.train_slices=0-15", "-s", "data.val_gap=0", "-s", "engine.num_threads=1",
                    "-s", "engine.max_time=null", "-o", str(model)]
@@ -166,8 +171,7 @@ def main() -> None:
     if args.membranes != "predicted" and args.dataset != "ca1":
         parser.error("--membranes applies to --dataset ca1 (VNC has true membranes)")
     ds = datasets(args.runs, args.membranes)[args.dataset]
-    out = args.runs / "gan12" / (args.dataset + ("" if args.membranes == "predicted"
-                                                 else f"_{args.membranes}"))
+    out = args.runs / "gan12" / f"{args.dataset}{channel_suffix(args.membranes)}"
     ref = args.runs / "segment" / f"{args.dataset}_ref{args.ref_steps}"
 
     for marker, cmd in ds["prepare"]:

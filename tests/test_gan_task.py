@@ -51,17 +51,23 @@ def test_presets_load():
     assert _cfg().model.ngf == 8
 
 
+def _texture_experiment():
+    """experiments/gan_texture.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "gan_texture", GAN_TINY.parents[2] / "experiments" / "gan_texture.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    return experiment
+
+
 def test_texture_presets_are_the_ablations_han_variant():
     """configs/gan/cpu_texture.yaml is what experiments/gan_texture.py measured as "han": the
     CPU preset plus its overrides (steps and the safety net aside); the GPU preset is the same
     recipe at the spec's width with Han et al.'s 512 crops."""
-    import importlib.util
-
     root = GAN_TINY.parent
-    spec = importlib.util.spec_from_file_location(
-        "gan_texture", root.parents[1] / "experiments" / "gan_texture.py")
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
+    experiment = _texture_experiment()
     measured = load_config(GanConfig, root / "cpu.yaml", experiment.VARIANTS["han"])
     preset = load_config(GanConfig, root / "cpu_texture.yaml")
     for section in ("data", "model", "loss", "optim"):
@@ -76,15 +82,10 @@ def test_texture_presets_are_the_ablations_han_variant():
 def test_texture_ablation_variants_are_valid_configs():
     """Each generator variant and CA1 membrane channel of the ablation is a valid config; only
     the clDice channel changes the membrane model's loss (the others share one model)."""
-    import importlib.util
-
     from emsynth.membranes.config import MembraneConfig
 
     root = GAN_TINY.parents[1]
-    spec = importlib.util.spec_from_file_location(
-        "gan_texture", root.parent / "experiments" / "gan_texture.py")
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
+    experiment = _texture_experiment()
     base = load_config(MembraneConfig, root / "membranes" / "cpu.yaml")
     losses = {name: load_config(MembraneConfig, root / "membranes" / "cpu.yaml", overrides).loss
               for name, (overrides, _) in experiment.MEMBRANES.items()}

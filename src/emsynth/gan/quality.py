@@ -37,6 +37,8 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -424,7 +426,7 @@ def tstr_real_key(volume: Volume, train_idx: list[int], cfg: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def _train_once(train: Any, folder: Path, poll_s: float = 10.0) -> None:
+def _train_once(train: Callable[[], Any], folder: Path, poll_s: float = 10.0) -> None:
     """Run `train` (which writes a model into `folder`) unless the model is there. Generators
     scored at once share one cached reference: the process training it holds `<folder>.lock`
     (its pid inside) and the others wait for its model instead of training into the same folder;
@@ -491,11 +493,12 @@ def tstr(volume: Volume, synthetic: Volume, steps: int, recipe: Any = None,
         if cache_dir is not None:
             folders["real"] = Path(cache_dir) / f"tstr-real-{tstr_real_key(volume, train_idx, cfg)}"
         for name, source in (("synthetic", synthetic), ("real", volume)):
+            train = partial(train_segmenter, cfg, source.select(train_idx), folders[name],
+                            resume=False)
             if name == "real" and cache_dir is not None:
-                _train_once(lambda: train_segmenter(cfg, volume.select(train_idx), folders["real"],
-                                                    resume=False), folders["real"])
+                _train_once(train, folders[name])
             else:
-                train_segmenter(cfg, source.select(train_idx), folders[name], resume=False)
+                train()
             model = load_segmenter(folders[name], device)
             model.threshold = 0.5
             scores[name] = fcn_iou(model, test, torch.device(device), precision)
