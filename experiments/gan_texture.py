@@ -150,7 +150,9 @@ def main() -> None:
                         help=f"comma-separated, or 'all': {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=3000, help="GAN steps of every variant")
     parser.add_argument("--max-time", default="70m", help="each GAN's safety net")
-    parser.add_argument("--tstr-steps", type=int, default=300)
+    parser.add_argument("--tstr-steps", type=int, default=300,
+                        help="TSTR segmenter steps; 0 scores without TSTR (minutes, not half an "
+                        "hour per variant), a later run with steps adds it")
     parser.add_argument("--ref-steps", type=int, default=2000,
                         help="steps of the reference segmenter behind FCN-score and FID features")
     parser.add_argument("--jobs", type=int, default=2, help="GANs at once, one thread each")
@@ -230,12 +232,16 @@ def table(out: Path, names: list[str], scored: str) -> str:
               "precision |")
     rows = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        s = json.loads((out / f"{name}_{scored}.json").read_text())
+        path = out / f"{name}_{scored}.json"
+        if not path.is_file():  # scored without TSTR (--tstr-steps 0) only
+            path = out / f"{name}_tstr0_{scored.split('_', 1)[1]}.json"
+        s = json.loads(path.read_text())
         run = json.loads((out / name / "run.json").read_text())
         kind = f"{run['resolved']['cpu_kind']}, {run['resolved']['precision']}"
+        tstr = (f"{s['tstr_ratio']:.3f} ({s['tstr_iou_synthetic']:.3f} / {s['tstr_iou_real']:.3f})"
+                if "tstr_ratio" in s else "not measured")
         rows.append(
-            f"| {name} | {s['tstr_ratio']:.3f} ({s['tstr_iou_synthetic']:.3f} / "
-            f"{s['tstr_iou_real']:.3f}) | {s['spectrum_distance']:.3f} | "
+            f"| {name} | {tstr} | {s['spectrum_distance']:.3f} | "
             f"{s['local_std_w1_cytoplasm']:.1f} / {s['local_std_w1_mito']:.1f} | "
             f"{s['fid_minus_baseline']:.2f} | {s['kid']:.2f} | {s['grey_level_w1']:.1f} | "
             f"{s['fcn_ratio']:.2f} | {run['end_step']} | {kind} |")

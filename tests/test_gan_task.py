@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -97,6 +98,24 @@ def test_texture_ablation_variants_are_valid_configs():
         variant = load_config(GanConfig, root / "gan" / "cpu.yaml",
                               [o.replace("{ref}", "runs/segment/ref") for o in overrides])
         assert (variant == today) == (name == "today"), name
+
+
+def test_texture_table_reads_scores_without_tstr(tmp_path):
+    """A variant scored with --tstr-steps 0 shows in the TSTR table as not measured, beside one
+    scored with TSTR, rather than failing the whole table."""
+    experiment = _texture_experiment()
+    base = {"spectrum_distance": 0.5, "local_std_w1_cytoplasm": 3.0, "local_std_w1_mito": 4.0,
+            "fid_minus_baseline": 1.0, "kid": 0.1, "grey_level_w1": 2.0, "fcn_ratio": 1.0}
+    scores = {"a": {**base, "tstr_ratio": 0.75, "tstr_iou_synthetic": 0.3, "tstr_iou_real": 0.4},
+              "b": base}
+    for name, tstr in (("a", "tstr300"), ("b", "tstr0")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps(
+            {"end_step": 3000, "resolved": {"cpu_kind": "AMD EPYC", "precision": "bf16"}}))
+        (tmp_path / f"{name}_{tstr}_tiles.json").write_text(json.dumps(scores[name]))
+    rows = experiment.table(tmp_path, ["a", "b"], "tstr300_tiles").splitlines()
+    assert rows[2].startswith("| a | 0.750 (0.300 / 0.400) | 0.500 |")
+    assert rows[3].startswith("| b | not measured | 0.500 |")
 
 
 def test_sample_batch_pairs_and_ranges(phantom):
