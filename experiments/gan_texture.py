@@ -203,7 +203,7 @@ def main() -> None:
 
     score = []
     for name in names:
-        result = out / f"{name}_tstr{args.tstr_steps}_{args.synthesis}.json"
+        result = score_file(out, name, args.tstr_steps, args.synthesis)
         if result.is_file():
             continue
         score.append((["gan", "evaluate", "-g", str(out / f"{name}"), "-d",
@@ -215,7 +215,7 @@ def main() -> None:
                       result.with_suffix(".log")))
     run_all(score, args.jobs)
 
-    print(table(out, names, f"tstr{args.tstr_steps}_{args.synthesis}"))
+    print(table(out, names, args.tstr_steps, args.synthesis))
     if args.figure is not None:
         gens = []
         for name in names:
@@ -225,16 +225,21 @@ def main() -> None:
                   out / "figure.log")], 1)
 
 
-def table(out: Path, names: list[str], scored: str) -> str:
+def score_file(out: Path, name: str, tstr_steps: int, synthesis: str) -> Path:
+    """Where `gan evaluate --json` writes a variant's scores for these TSTR steps and synthesis."""
+    return out / f"{name}_tstr{tstr_steps}_{synthesis}.json"
+
+
+def table(out: Path, names: list[str], tstr_steps: int, synthesis: str) -> str:
     """Markdown table of the variants' scores, with the CPU kind and precision they trained in."""
     header = ("| variant | TSTR ratio (synthetic / real IoU) | spectrum distance | local-std W1 "
               "cytoplasm / mito | FID − baseline | KID | grey W1 | FCN ratio | steps | CPU, "
               "precision |")
     rows = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        path = out / f"{name}_{scored}.json"
+        path = score_file(out, name, tstr_steps, synthesis)
         if not path.is_file():  # scored without TSTR (--tstr-steps 0) only
-            path = out / f"{name}_tstr0_{scored.split('_', 1)[1]}.json"
+            path = score_file(out, name, 0, synthesis)
         s = json.loads(path.read_text())
         run = json.loads((out / name / "run.json").read_text())
         kind = f"{run['resolved']['cpu_kind']}, {run['resolved']['precision']}"

@@ -113,7 +113,7 @@ def test_texture_table_reads_scores_without_tstr(tmp_path):
         (tmp_path / name / "run.json").write_text(json.dumps(
             {"end_step": 3000, "resolved": {"cpu_kind": "AMD EPYC", "precision": "bf16"}}))
         (tmp_path / f"{name}_{tstr}_tiles.json").write_text(json.dumps(scores[name]))
-    rows = experiment.table(tmp_path, ["a", "b"], "tstr300_tiles").splitlines()
+    rows = experiment.table(tmp_path, ["a", "b"], 300, "tiles").splitlines()
     assert rows[2].startswith("| a | 0.750 (0.300 / 0.400) | 0.500 |")
     assert rows[3].startswith("| b | not measured | 0.500 |")
 
