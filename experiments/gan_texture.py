@@ -140,7 +140,7 @@ def finished(run_dir: Path, steps: int) -> bool:
     if not info.is_file():
         return False
     record = json.loads(info.read_text())
-    return record.get("end_step", 0) >= steps
+    return (record.get("end_step") or 0) >= steps  # null while a run is going or was killed
 
 
 def main() -> None:

@@ -66,7 +66,7 @@ def _texture_experiment():
 def test_texture_presets_are_the_ablations_han_variant():
     """configs/gan/cpu_texture.yaml is what experiments/gan_texture.py measured as "han": the
     CPU preset plus its overrides (steps and the safety net aside); the GPU preset is the same
-    recipe at the spec's width with Han et al.'s 512 crops."""
+    recipe at the spec's width with Han et al.'s 512 crops; the SPADE preset is "spade_han"."""
     root = GAN_TINY.parent
     experiment = _texture_experiment()
     measured = load_config(GanConfig, root / "cpu.yaml", experiment.VARIANTS["han"])
@@ -78,6 +78,11 @@ def test_texture_presets_are_the_ablations_han_variant():
     assert (gpu.model.ngf, gpu.model.ndf, gpu.data.crop) == (64, 64, 512)
     assert gpu.loss == preset.loss and gpu.optim == preset.optim
     assert gpu.model.model_copy(update={"ngf": 32, "ndf": 32}) == preset.model
+    spade = load_config(GanConfig, root / "cpu_texture_spade.yaml")
+    measured = load_config(GanConfig, root / "cpu.yaml", experiment.VARIANTS["spade_han"])
+    for section in ("data", "model", "loss", "optim"):
+        assert getattr(spade, section) == getattr(measured, section), section
+    assert spade.model.arch == "spade" and preset.model.arch == "unet"
 
 
 def test_texture_ablation_variants_are_valid_configs():
@@ -366,3 +371,16 @@ def test_real_vnc_crops_keep_masks_registered(shared_data):
     rest = ~mito & ~membrane
     assert pixels[membrane].mean() < pixels[rest].mean() - 0.2
     assert pixels[mito].mean() < pixels[rest].mean()
+
+
+def test_texture_ablation_resumes_a_killed_run(tmp_path):
+    """A GAN killed mid-run leaves run.json with end_step null: the ablation counts it as not
+    finished (and reruns it from its checkpoint) instead of failing on the comparison."""
+    experiment = _texture_experiment()
+    for name, end_step in (("killed", None), ("short", 2500), ("done", 3000)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps(
+            {"status": "running", "end_step": end_step}))
+    assert [experiment.finished(tmp_path / n, 3000) for n in ("killed", "short", "done")] == [
+        False, False, True]
+    assert not experiment.finished(tmp_path / "absent", 3000)
