@@ -6,8 +6,8 @@
     python experiments/gan_texture.py --dataset ca1 --variants han --membranes cldice
 
 Every step is an emsynth command (printed before it runs), so each number can be reproduced
-by hand. Rerunning the same command skips what is done: a GAN whose run.json says "finished"
-is not retrained (an unfinished one resumes from its checkpoint), a variant with a score JSON is
+by hand. Rerunning the same command skips what is done: a GAN whose run.json reached --steps
+is not retrained (a stopped or killed one resumes from its checkpoint), a variant with a score JSON is
 not rescored, and TSTR's real-trained reference is trained once per dataset (`--tstr-cache`).
 `--jobs N` runs N GANs (or evaluations) at once with one thread each.
 

@@ -105,6 +105,18 @@ def test_texture_ablation_variants_are_valid_configs():
         assert (variant == today) == (name == "today"), name
 
 
+def test_texture_ablation_resumes_a_killed_run(tmp_path):
+    """A GAN killed mid-run leaves run.json with end_step null: the ablation counts it as not
+    finished (and reruns it from its checkpoint) instead of failing on the comparison."""
+    experiment = _texture_experiment()
+    for name, end_step in (("killed", None), ("short", 2500), ("done", 3000)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps(
+            {"status": "running", "end_step": end_step}))
+    assert [experiment.finished(tmp_path / n, 3000) for n in ("killed", "short", "done")] == [
+        False, False, True]
+    assert not experiment.finished(tmp_path / "absent", 3000)
+
 def test_texture_table_reads_scores_without_tstr(tmp_path):
     """A variant scored with --tstr-steps 0 shows in the TSTR table as not measured, beside one
     scored with TSTR, rather than failing the whole table."""
@@ -372,15 +384,3 @@ def test_real_vnc_crops_keep_masks_registered(shared_data):
     assert pixels[membrane].mean() < pixels[rest].mean() - 0.2
     assert pixels[mito].mean() < pixels[rest].mean()
 
-
-def test_texture_ablation_resumes_a_killed_run(tmp_path):
-    """A GAN killed mid-run leaves run.json with end_step null: the ablation counts it as not
-    finished (and reruns it from its checkpoint) instead of failing on the comparison."""
-    experiment = _texture_experiment()
-    for name, end_step in (("killed", None), ("short", 2500), ("done", 3000)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "run.json").write_text(json.dumps(
-            {"status": "running", "end_step": end_step}))
-    assert [experiment.finished(tmp_path / n, 3000) for n in ("killed", "short", "done")] == [
-        False, False, True]
-    assert not experiment.finished(tmp_path / "absent", 3000)
