@@ -4,12 +4,20 @@
     python experiments/gan_texture.py --dataset ca1 --variants today,han --tstr-steps 500
     python experiments/gan_texture.py --dataset vnc --variants all --jobs 2   # hours on 2 cores
     python experiments/gan_texture.py --dataset ca1 --variants han --membranes cldice
+    python experiments/gan_texture.py --dataset ca1 --variants han,l1_10 --seeds 0,1,2
 
 Every step is an emsynth command (printed before it runs), so each number can be reproduced
 by hand. Rerunning the same command skips what is done: a GAN whose run.json reached --steps
 is not retrained (a stopped or killed one resumes from its checkpoint), a variant with a score JSON is
 not rescored, and TSTR's real-trained reference is trained once per dataset (`--tstr-cache`).
 `--jobs N` runs N GANs (or evaluations) at once with one thread each.
+
+Seeds: `--seeds 0,1,2` scores each generator once per seed (`gan evaluate --seed`: synthesis
+noise and dropout, the FID crops, and both TSTR segmenters' initialisation, sampling and
+augmentation; the real-trained reference is retrained, and cached, per seed). The table then
+gives TSTR as mean ± 95% t-interval over the seeds scored, and paired differences between
+variants over their common seeds. Each generator is trained once (one GAN seed): the interval
+is the spread of the evaluation, not of GAN training.
 
 Data and the choice: the generators are scored on held-out slices that act as validation
 slices, a gap of 5 slices from anything they trained on (data.val_gap). VNC: the GANs train on
@@ -38,6 +46,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from emsynth.report.stats import Summary, paired_difference, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 EMSYNTH = [sys.executable, "-m", "emsynth"]
@@ -163,10 +173,16 @@ def main() -> None:
     parser.add_argument("--membranes", choices=list(MEMBRANES), default="predicted",
                         help="CA1's membrane channel: as predicted, thinned to VNC's width, or "
                         "from a clDice-trained membrane model")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated evaluation seeds; each scores every variant again")
     parser.add_argument("--figure", type=Path, default=None,
                         help="also draw held-out slices, zoomed, of every variant")
     args = parser.parse_args()
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -202,20 +218,26 @@ def main() -> None:
         sys.exit(f"not at {args.steps} steps yet (safety net hit?): {unfinished}; rerun to resume")
 
     score = []
-    for name in names:
-        result = score_file(out, name, args.tstr_steps, args.synthesis)
-        if result.is_file():
-            continue
-        score.append((["gan", "evaluate", "-g", str(out / f"{name}"), "-d",
-                       *ds["data"], *ds["score"], "-s", str(ref), "--tstr-steps",
-                       str(args.tstr_steps), "--tstr-config", "configs/segment/cpu.yaml",
-                       "--tstr-cache", str(args.runs / "gan12" / args.dataset / "tstr_cache"),
-                       "--json",
-                       str(result), *(["--whole-slice"] if args.synthesis == "whole" else [])],
-                      result.with_suffix(".log")))
+    for seed in seeds:  # seed by seed, so that a seed's real TSTR reference is shared at once
+        for name in names:
+            result = score_file(out, name, args.tstr_steps, args.synthesis, seed)
+            if result.is_file():
+                continue
+            score.append((["gan", "evaluate", "-g", str(out / f"{name}"), "-d",
+                           *ds["data"], *ds["score"], "-s", str(ref), "--tstr-steps",
+                           str(args.tstr_steps), "--tstr-config", "configs/segment/cpu.yaml",
+                           "--tstr-cache", str(args.runs / "gan12" / args.dataset / "tstr_cache"),
+                           "--seed", str(seed), "--json", str(result),
+                           *(["--whole-slice"] if args.synthesis == "whole" else [])],
+                          result.with_suffix(".log")))
     run_all(score, args.jobs)
 
     print(table(out, names, args.tstr_steps, args.synthesis))
+    for name in names[1:]:
+        difference = tstr_difference(out, names[0], name, args.tstr_steps, args.synthesis)
+        if difference.n > 1:
+            print(f"TSTR ratio, {name} − {names[0]}, paired over seeds: {difference.text()}, "
+                  f"p = {difference.p:.3f}")
     if args.figure is not None:
         gens = []
         for name in names:
@@ -225,13 +247,34 @@ def main() -> None:
                   out / "figure.log")], 1)
 
 
-def score_file(out: Path, name: str, tstr_steps: int, synthesis: str) -> Path:
-    """Where `gan evaluate --json` writes a variant's scores for these TSTR steps and synthesis."""
-    return out / f"{name}_tstr{tstr_steps}_{synthesis}.json"
+def score_file(out: Path, name: str, tstr_steps: int, synthesis: str, seed: int = 0) -> Path:
+    """Where `gan evaluate --json` writes a variant's scores for these TSTR steps, synthesis and
+    evaluation seed (seed 0 keeps the name it had before there were seeds)."""
+    return out / f"{name}_tstr{tstr_steps}_{synthesis}{f'_seed{seed}' if seed else ''}.json"
+
+
+def tstr_by_seed(out: Path, name: str, tstr_steps: int, synthesis: str) -> dict[int, float]:
+    """A variant's TSTR ratio for every evaluation seed scored so far."""
+    found = {}
+    for path in out.glob(f"{name}_tstr{tstr_steps}_{synthesis}*.json"):
+        tail = path.stem.removeprefix(f"{name}_tstr{tstr_steps}_{synthesis}")
+        if tail == "" or (tail.startswith("_seed") and tail[5:].isdigit()):
+            scores = json.loads(path.read_text())
+            if "tstr_ratio" in scores:
+                found[int(tail[5:] or 0)] = scores["tstr_ratio"]
+    return dict(sorted(found.items()))
+
+
+def tstr_difference(out: Path, a: str, b: str, tstr_steps: int, synthesis: str) -> Summary:
+    """TSTR ratio of b minus a, paired over the evaluation seeds both were scored with."""
+    return paired_difference(tstr_by_seed(out, a, tstr_steps, synthesis),
+                             tstr_by_seed(out, b, tstr_steps, synthesis))
 
 
 def table(out: Path, names: list[str], tstr_steps: int, synthesis: str) -> str:
-    """Markdown table of the variants' scores, with the CPU kind and precision they trained in."""
+    """Markdown table of the variants' scores, with the CPU kind and precision they trained in.
+    TSTR is seed 0's (synthetic / real IoU) or, when several seeds were scored, their mean ± 95%
+    t-interval; the other columns are seed 0's."""
     header = ("| variant | TSTR ratio (synthetic / real IoU) | spectrum distance | local-std W1 "
               "cytoplasm / mito | FID − baseline | KID | grey W1 | FCN ratio | steps | CPU, "
               "precision |")
@@ -243,8 +286,11 @@ def table(out: Path, names: list[str], tstr_steps: int, synthesis: str) -> str:
         s = json.loads(path.read_text())
         run = json.loads((out / name / "run.json").read_text())
         kind = f"{run['resolved']['cpu_kind']}, {run['resolved']['precision']}"
+        ratios = tstr_by_seed(out, name, tstr_steps, synthesis)
         tstr = (f"{s['tstr_ratio']:.3f} ({s['tstr_iou_synthetic']:.3f} / {s['tstr_iou_real']:.3f})"
                 if "tstr_ratio" in s else "not measured")
+        if len(ratios) > 1:
+            tstr = summarize(list(ratios.values())).text()
         rows.append(
             f"| {name} | {tstr} | {s['spectrum_distance']:.3f} | "
             f"{s['local_std_w1_cytoplasm']:.1f} / {s['local_std_w1_mito']:.1f} | "

@@ -135,6 +135,32 @@ def test_texture_table_reads_scores_without_tstr(tmp_path):
     assert rows[3].startswith("| b | not measured | 0.500 |")
 
 
+def test_texture_table_summarises_tstr_over_evaluation_seeds(tmp_path):
+    """With several evaluation seeds scored, TSTR is their mean ± t-interval and variants are
+    compared paired over their common seeds; a variant with one seed keeps its single value."""
+    experiment = _texture_experiment()
+    base = {"spectrum_distance": 0.5, "local_std_w1_cytoplasm": 3.0, "local_std_w1_mito": 4.0,
+            "fid_minus_baseline": 1.0, "kid": 0.1, "grey_level_w1": 2.0, "fcn_ratio": 1.0}
+    ratios = {"a": {0: 0.9, 1: 1.1, 2: 1.0}, "b": {0: 0.5, 1: 0.8}, "ab": {0: 0.2}}
+    for name, by_seed in ratios.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(json.dumps(
+            {"end_step": 3000, "resolved": {"cpu_kind": "AMD EPYC", "precision": "bf16"}}))
+        for seed, ratio in by_seed.items():
+            path = experiment.score_file(tmp_path, name, 300, "tiles", seed)
+            path.write_text(json.dumps({**base, "tstr_ratio": ratio, "tstr_iou_synthetic": ratio / 2,
+                                        "tstr_iou_real": 0.5}))
+    assert experiment.score_file(tmp_path, "a", 300, "tiles", 2).name == "a_tstr300_tiles_seed2.json"
+    assert experiment.tstr_by_seed(tmp_path, "a", 300, "tiles") == {0: 0.9, 1: 1.1, 2: 1.0}
+    rows = experiment.table(tmp_path, ["a", "b", "ab"], 300, "tiles").splitlines()
+    # mean 1.0, sd 0.1, t(0.975, 2) = 4.303: half-width 0.248
+    assert rows[2].startswith("| a | 1.000 ± 0.248 (n=3) | 0.500 |")
+    assert rows[3].startswith("| b | 0.650 ± 1.906 (n=2) |")
+    assert rows[4].startswith("| ab | 0.200 (0.100 / 0.500) |")  # not among "a"'s seeds
+    difference = experiment.tstr_difference(tmp_path, "a", "b", 300, "tiles")
+    assert difference.n == 2 and abs(difference.mean - (-0.35)) < 1e-9  # seeds 0 and 1 only
+
+
 def test_sample_batch_pairs_and_ranges(phantom):
     task = GanTask(_cfg(), [phantom])
     masks, image = task.sample_batch(np.random.default_rng(0))
