@@ -5,6 +5,7 @@
     python experiments/gan_texture.py --dataset vnc --variants all --jobs 2   # hours on 2 cores
     python experiments/gan_texture.py --dataset ca1 --variants han --membranes cldice
     python experiments/gan_texture.py --dataset ca1 --variants han,l1_10 --seeds 0,1,2
+    python experiments/gan_texture.py --dataset ca1 --variants han,l1_10 --gan-seeds 0,1
 
 Every step is an emsynth command (printed before it runs), so each number can be reproduced
 by hand. Rerunning the same command skips what is done: a GAN whose run.json reached --steps
@@ -16,8 +17,10 @@ Seeds: `--seeds 0,1,2` scores each generator once per seed (`gan evaluate --seed
 noise and dropout, the FID crops, and both TSTR segmenters' initialisation, sampling and
 augmentation; the real-trained reference is retrained, and cached, per seed). The table then
 gives TSTR as mean ± 95% t-interval over the seeds scored, and paired differences between
-variants over their common seeds. Each generator is trained once (one GAN seed): the interval
-is the spread of the evaluation, not of GAN training.
+variants over their common seeds. That interval is the spread of the evaluation only;
+`--gan-seeds 0,1` also trains each variant again with another `engine.seed` (GAN
+initialisation, crops, noise, dropout), into `<variant>_gan<k>` (seed 0 keeps `<variant>`), and
+compares the variants within each GAN seed.
 
 Data and the choice: the generators are scored on held-out slices that act as validation
 slices, a gap of 5 slices from anything they trained on (data.val_gap). VNC: the GANs train on
@@ -175,14 +178,19 @@ def main() -> None:
                         "from a clDice-trained membrane model")
     parser.add_argument("--seeds", default="0",
                         help="comma-separated evaluation seeds; each scores every variant again")
+    parser.add_argument("--gan-seeds", default="0",
+                        help="comma-separated GAN training seeds (engine.seed); each trains every "
+                        "variant again")
     parser.add_argument("--figure", type=Path, default=None,
                         help="also draw held-out slices, zoomed, of every variant")
     args = parser.parse_args()
     names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
+        gan_seeds = [int(s) for s in args.gan_seeds.split(",")]
     except ValueError:
-        parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+        parser.error(f"--seeds {args.seeds!r} / --gan-seeds {args.gan_seeds!r}: give "
+                     "comma-separated integers, e.g. 0,1,2")
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -201,25 +209,28 @@ def main() -> None:
                    "-s", "engine.num_threads=1"], out / "ref.log")], 1)
 
     train = []
-    for name in names:
-        run_dir = out / f"{name}"
-        if finished(run_dir, args.steps):
-            continue
-        overrides = [o.replace("{ref}", str(ref)) for o in VARIANTS[name]]
-        cmd = ["gan", "train", "-c", "configs/gan/cpu.yaml", "-d", *ds["data"], *ds["gan"],
-               "-s", "engine.num_threads=1", "--steps", str(args.steps),
-               "--max-time", args.max_time, "-o", str(run_dir)]
-        for o in overrides:
-            cmd += ["-s", o]
-        train.append((cmd, out / f"{name}.log"))
+    for gan_seed in gan_seeds:
+        for variant in names:
+            name = run_name(variant, gan_seed)
+            if finished(out / name, args.steps):
+                continue
+            overrides = [o.replace("{ref}", str(ref)) for o in VARIANTS[variant]]
+            cmd = ["gan", "train", "-c", "configs/gan/cpu.yaml", "-d", *ds["data"], *ds["gan"],
+                   "-s", "engine.num_threads=1", "--steps", str(args.steps),
+                   "--max-time", args.max_time, "-o", str(out / name)]
+            for o in [*overrides, *([f"engine.seed={gan_seed}"] if gan_seed else [])]:
+                cmd += ["-s", o]
+            train.append((cmd, out / f"{name}.log"))
     run_all(train, args.jobs)
-    unfinished = [n for n in names if not finished(out / f"{n}", args.steps)]
+    by_gan_seed = {k: [run_name(v, k) for v in names] for k in gan_seeds}
+    runs = [name for group in by_gan_seed.values() for name in group]
+    unfinished = [n for n in runs if not finished(out / n, args.steps)]
     if unfinished:
         sys.exit(f"not at {args.steps} steps yet (safety net hit?): {unfinished}; rerun to resume")
 
     score = []
     for seed in seeds:  # seed by seed, so that a seed's real TSTR reference is shared at once
-        for name in names:
+        for name in runs:
             result = score_file(out, name, args.tstr_steps, args.synthesis, seed)
             if result.is_file():
                 continue
@@ -232,19 +243,25 @@ def main() -> None:
                           result.with_suffix(".log")))
     run_all(score, args.jobs)
 
-    print(table(out, names, args.tstr_steps, args.synthesis))
-    for name in names[1:]:
-        difference = tstr_difference(out, names[0], name, args.tstr_steps, args.synthesis)
-        if difference.n > 1:
-            print(f"TSTR ratio, {name} − {names[0]}, paired over seeds: {difference.text()}, "
-                  f"p = {difference.p:.3f}")
+    print(table(out, runs, args.tstr_steps, args.synthesis))
+    for group in by_gan_seed.values():
+        for name in group[1:]:
+            difference = tstr_difference(out, group[0], name, args.tstr_steps, args.synthesis)
+            if difference.n > 1:
+                print(f"TSTR ratio, {name} − {group[0]}, paired over seeds: "
+                      f"{difference.text()}, p = {difference.p:.3f}")
     if args.figure is not None:
         gens = []
-        for name in names:
+        for name in by_gan_seed[gan_seeds[0]]:
             gens += ["-g", str(out / f"{name}")]
         run_all([(["gan", "figure", *gens, "-d", *ds["data"], "--slices",
                    ds["score"][1].split("-")[-1], "--crop", "256", "--out", str(args.figure)],
                   out / "figure.log")], 1)
+
+
+def run_name(variant: str, gan_seed: int) -> str:
+    """A variant's GAN folder for a training seed (seed 0 keeps the plain name)."""
+    return variant if gan_seed == 0 else f"{variant}_gan{gan_seed}"
 
 
 def score_file(out: Path, name: str, tstr_steps: int, synthesis: str, seed: int = 0) -> Path:

@@ -161,6 +161,51 @@ def test_texture_table_summarises_tstr_over_evaluation_seeds(tmp_path):
     assert difference.n == 2 and abs(difference.mean - (-0.35)) < 1e-9  # seeds 0 and 1 only
 
 
+def test_texture_ablation_trains_gan_seeds_and_scores_evaluation_seeds(tmp_path, monkeypatch,
+                                                                       capsys):
+    """--gan-seeds trains each variant again with engine.seed into <variant>_gan<k>; --seeds
+    scores every run once per evaluation seed (gan evaluate --seed), and the variants are
+    compared within each GAN seed. The emsynth commands are captured, not run."""
+    experiment = _texture_experiment()
+    (tmp_path / "segment" / "vnc_ref2000" / "model").mkdir(parents=True)
+    commands = []
+
+    def fake_run_all(batch, jobs):
+        for cmd, _log in batch:
+            commands.append(cmd)
+            if cmd[:2] == ["gan", "evaluate"]:  # han 1.0 and l1_10 0.5 (+ 0.1 per seed)
+                seed, run = int(cmd[cmd.index("--seed") + 1]), Path(cmd[cmd.index("-g") + 1])
+                ratio = (1.0 if run.name.startswith("han") else 0.5) + 0.1 * seed
+                Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps(
+                    {"spectrum_distance": 0.5, "local_std_w1_cytoplasm": 3.0,
+                     "local_std_w1_mito": 4.0, "fid_minus_baseline": 1.0, "kid": 0.1,
+                     "grey_level_w1": 2.0, "fcn_ratio": 1.0, "tstr_ratio": ratio,
+                     "tstr_iou_synthetic": ratio / 2, "tstr_iou_real": 0.5}))
+
+    monkeypatch.setattr(experiment, "run_all", fake_run_all)
+    argv = ["gan_texture.py", "--dataset", "vnc", "--variants", "han,l1_10", "--gan-seeds", "0,1",
+            "--seeds", "0,2", "--runs", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="rerun to resume"):  # the fake trained nothing
+        experiment.main()
+    trained = {Path(c[c.index("-o") + 1]).name: c for c in commands}
+    assert sorted(trained) == ["han", "han_gan1", "l1_10", "l1_10_gan1"]
+    assert "engine.seed=1" in trained["han_gan1"] and "loss.l1_weight=10" in trained["l1_10_gan1"]
+    assert not any(o.startswith("engine.seed") for o in trained["han"])
+    out = tmp_path / "gan12" / "vnc"
+    for name in trained:
+        (out / name).mkdir(parents=True)
+        (out / name / "run.json").write_text(json.dumps(
+            {"end_step": 3000, "resolved": {"cpu_kind": "AMD EPYC", "precision": "bf16"}}))
+    commands.clear()
+    experiment.main()
+    scored = sorted(Path(c[c.index("--json") + 1]).name for c in commands)
+    assert scored == sorted(f"{n}_tstr300_tiles{s}.json" for n in trained for s in ("", "_seed2"))
+    printed = capsys.readouterr().out
+    assert "| han_gan1 | 1.100 ± 1.271 (n=2) |" in printed  # 1.0 and 1.2
+    assert "TSTR ratio, l1_10_gan1 − han_gan1, paired over seeds: -0.500 ± 0.000 (n=2)" in printed
+
+
 def test_sample_batch_pairs_and_ranges(phantom):
     task = GanTask(_cfg(), [phantom])
     masks, image = task.sample_batch(np.random.default_rng(0))
