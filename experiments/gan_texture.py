@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -218,7 +219,9 @@ def main() -> None:
             cmd = ["gan", "train", "-c", "configs/gan/cpu.yaml", "-d", *ds["data"], *ds["gan"],
                    "-s", "engine.num_threads=1", "--steps", str(args.steps),
                    "--max-time", args.max_time, "-o", str(out / name)]
-            for o in [*overrides, *([f"engine.seed={gan_seed}"] if gan_seed else [])]:
+            if gan_seed:  # seed 0 is the preset's own engine.seed: its runs keep their commands
+                overrides.append(f"engine.seed={gan_seed}")
+            for o in overrides:
                 cmd += ["-s", o]
             train.append((cmd, out / f"{name}.log"))
     run_all(train, args.jobs)
@@ -234,7 +237,7 @@ def main() -> None:
             result = score_file(out, name, args.tstr_steps, args.synthesis, seed)
             if result.is_file():
                 continue
-            score.append((["gan", "evaluate", "-g", str(out / f"{name}"), "-d",
+            score.append((["gan", "evaluate", "-g", str(out / name), "-d",
                            *ds["data"], *ds["score"], "-s", str(ref), "--tstr-steps",
                            str(args.tstr_steps), "--tstr-config", "configs/segment/cpu.yaml",
                            "--tstr-cache", str(args.runs / "gan12" / args.dataset / "tstr_cache"),
@@ -253,7 +256,7 @@ def main() -> None:
     if args.figure is not None:
         gens = []
         for name in by_gan_seed[gan_seeds[0]]:
-            gens += ["-g", str(out / f"{name}")]
+            gens += ["-g", str(out / name)]
         run_all([(["gan", "figure", *gens, "-d", *ds["data"], "--slices",
                    ds["score"][1].split("-")[-1], "--crop", "256", "--out", str(args.figure)],
                   out / "figure.log")], 1)
@@ -272,13 +275,13 @@ def score_file(out: Path, name: str, tstr_steps: int, synthesis: str, seed: int 
 
 def tstr_by_seed(out: Path, name: str, tstr_steps: int, synthesis: str) -> dict[int, float]:
     """A variant's TSTR ratio for every evaluation seed scored so far."""
+    stem = f"{name}_tstr{tstr_steps}_{synthesis}"
     found = {}
-    for path in out.glob(f"{name}_tstr{tstr_steps}_{synthesis}*.json"):
-        tail = path.stem.removeprefix(f"{name}_tstr{tstr_steps}_{synthesis}")
-        if tail == "" or (tail.startswith("_seed") and tail[5:].isdigit()):
-            scores = json.loads(path.read_text())
-            if "tstr_ratio" in scores:
-                found[int(tail[5:] or 0)] = scores["tstr_ratio"]
+    for path in out.glob(f"{stem}*.json"):
+        named = re.fullmatch(re.escape(stem) + r"(?:_seed(\d+))?", path.stem)  # see score_file
+        scores = json.loads(path.read_text()) if named else {}
+        if "tstr_ratio" in scores:
+            found[int(named[1] or 0)] = scores["tstr_ratio"]
     return dict(sorted(found.items()))
 
 

@@ -52,6 +52,18 @@ def test_presets_load():
     assert _cfg().model.ngf == 8
 
 
+#: What `gan evaluate --json` writes besides TSTR, as the texture-ablation table reads it.
+_IMAGE_SCORES = {"spectrum_distance": 0.5, "local_std_w1_cytoplasm": 3.0, "local_std_w1_mito": 4.0,
+                 "fid_minus_baseline": 1.0, "kid": 0.1, "grey_level_w1": 2.0, "fcn_ratio": 1.0}
+
+
+def _finished_gan_run(folder: Path) -> None:
+    """A run.json as a GAN run that reached 3000 steps leaves it, for the ablation's table."""
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps(
+        {"end_step": 3000, "resolved": {"cpu_kind": "AMD EPYC", "precision": "bf16"}}))
+
+
 def _texture_experiment():
     """experiments/gan_texture.py as a module (it is a script, not part of the package)."""
     import importlib.util
@@ -117,18 +129,16 @@ def test_texture_ablation_resumes_a_killed_run(tmp_path):
         False, False, True]
     assert not experiment.finished(tmp_path / "absent", 3000)
 
+
 def test_texture_table_reads_scores_without_tstr(tmp_path):
     """A variant scored with --tstr-steps 0 shows in the TSTR table as not measured, beside one
     scored with TSTR, rather than failing the whole table."""
     experiment = _texture_experiment()
-    base = {"spectrum_distance": 0.5, "local_std_w1_cytoplasm": 3.0, "local_std_w1_mito": 4.0,
-            "fid_minus_baseline": 1.0, "kid": 0.1, "grey_level_w1": 2.0, "fcn_ratio": 1.0}
-    scores = {"a": {**base, "tstr_ratio": 0.75, "tstr_iou_synthetic": 0.3, "tstr_iou_real": 0.4},
-              "b": base}
+    scores = {"a": {**_IMAGE_SCORES, "tstr_ratio": 0.75, "tstr_iou_synthetic": 0.3,
+                    "tstr_iou_real": 0.4},
+              "b": _IMAGE_SCORES}
     for name, tstr in (("a", "tstr300"), ("b", "tstr0")):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "run.json").write_text(json.dumps(
-            {"end_step": 3000, "resolved": {"cpu_kind": "AMD EPYC", "precision": "bf16"}}))
+        _finished_gan_run(tmp_path / name)
         (tmp_path / f"{name}_{tstr}_tiles.json").write_text(json.dumps(scores[name]))
     rows = experiment.table(tmp_path, ["a", "b"], 300, "tiles").splitlines()
     assert rows[2].startswith("| a | 0.750 (0.300 / 0.400) | 0.500 |")
@@ -139,16 +149,12 @@ def test_texture_table_summarises_tstr_over_evaluation_seeds(tmp_path):
     """With several evaluation seeds scored, TSTR is their mean ± t-interval and variants are
     compared paired over their common seeds; a variant with one seed keeps its single value."""
     experiment = _texture_experiment()
-    base = {"spectrum_distance": 0.5, "local_std_w1_cytoplasm": 3.0, "local_std_w1_mito": 4.0,
-            "fid_minus_baseline": 1.0, "kid": 0.1, "grey_level_w1": 2.0, "fcn_ratio": 1.0}
     ratios = {"a": {0: 0.9, 1: 1.1, 2: 1.0}, "b": {0: 0.5, 1: 0.8}, "ab": {0: 0.2}}
     for name, by_seed in ratios.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "run.json").write_text(json.dumps(
-            {"end_step": 3000, "resolved": {"cpu_kind": "AMD EPYC", "precision": "bf16"}}))
+        _finished_gan_run(tmp_path / name)
         for seed, ratio in by_seed.items():
             path = experiment.score_file(tmp_path, name, 300, "tiles", seed)
-            path.write_text(json.dumps({**base, "tstr_ratio": ratio, "tstr_iou_synthetic": ratio / 2,
+            path.write_text(json.dumps({**_IMAGE_SCORES, "tstr_ratio": ratio, "tstr_iou_synthetic": ratio / 2,
                                         "tstr_iou_real": 0.5}))
     assert experiment.score_file(tmp_path, "a", 300, "tiles", 2).name == "a_tstr300_tiles_seed2.json"
     assert experiment.tstr_by_seed(tmp_path, "a", 300, "tiles") == {0: 0.9, 1: 1.1, 2: 1.0}
@@ -177,10 +183,8 @@ def test_texture_ablation_trains_gan_seeds_and_scores_evaluation_seeds(tmp_path,
                 seed, run = int(cmd[cmd.index("--seed") + 1]), Path(cmd[cmd.index("-g") + 1])
                 ratio = (1.0 if run.name.startswith("han") else 0.5) + 0.1 * seed
                 Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps(
-                    {"spectrum_distance": 0.5, "local_std_w1_cytoplasm": 3.0,
-                     "local_std_w1_mito": 4.0, "fid_minus_baseline": 1.0, "kid": 0.1,
-                     "grey_level_w1": 2.0, "fcn_ratio": 1.0, "tstr_ratio": ratio,
-                     "tstr_iou_synthetic": ratio / 2, "tstr_iou_real": 0.5}))
+                    {**_IMAGE_SCORES, "tstr_ratio": ratio, "tstr_iou_synthetic": ratio / 2,
+                     "tstr_iou_real": 0.5}))
 
     monkeypatch.setattr(experiment, "run_all", fake_run_all)
     argv = ["gan_texture.py", "--dataset", "vnc", "--variants", "han,l1_10", "--gan-seeds", "0,1",
@@ -194,9 +198,7 @@ def test_texture_ablation_trains_gan_seeds_and_scores_evaluation_seeds(tmp_path,
     assert not any(o.startswith("engine.seed") for o in trained["han"])
     out = tmp_path / "gan12" / "vnc"
     for name in trained:
-        (out / name).mkdir(parents=True)
-        (out / name / "run.json").write_text(json.dumps(
-            {"end_step": 3000, "resolved": {"cpu_kind": "AMD EPYC", "precision": "bf16"}}))
+        _finished_gan_run(out / name)
     commands.clear()
     experiment.main()
     scored = sorted(Path(c[c.index("--json") + 1]).name for c in commands)
@@ -454,4 +456,3 @@ def test_real_vnc_crops_keep_masks_registered(shared_data):
     rest = ~mito & ~membrane
     assert pixels[membrane].mean() < pixels[rest].mean() - 0.2
     assert pixels[mito].mean() < pixels[rest].mean()
-
