@@ -293,7 +293,8 @@ def tstr_difference(out: Path, a: str, b: str, tstr_steps: int, synthesis: str) 
 
 def table(out: Path, names: list[str], tstr_steps: int, synthesis: str) -> str:
     """Markdown table of the variants' scores, with the CPU kind and precision they trained in.
-    TSTR is seed 0's (synthetic / real IoU) or, when several seeds were scored, their mean ± 95%
+    TSTR is seed 0's (synthetic / real IoU; and the synthetic-trained segmenter's IoU on
+    synthetic images, where scored) or, when several seeds were scored, their mean ± 95%
     t-interval; the other columns are seed 0's."""
     header = ("| variant | TSTR ratio (synthetic / real IoU) | spectrum distance | local-std W1 "
               "cytoplasm / mito | FID − baseline | KID | grey W1 | FCN ratio | steps | CPU, "
@@ -309,6 +310,8 @@ def table(out: Path, names: list[str], tstr_steps: int, synthesis: str) -> str:
         ratios = tstr_by_seed(out, name, tstr_steps, synthesis)
         tstr = (f"{s['tstr_ratio']:.3f} ({s['tstr_iou_synthetic']:.3f} / {s['tstr_iou_real']:.3f})"
                 if "tstr_ratio" in s else "not measured")
+        if "tstr_iou_synthetic_on_synthetic" in s:  # scored since stop 29
+            tstr += f"; on synthetic {s['tstr_iou_synthetic_on_synthetic']:.3f}"
         if len(ratios) > 1:
             tstr = summarize(list(ratios.values())).text()
         rows.append(

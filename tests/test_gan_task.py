@@ -136,13 +136,16 @@ def test_texture_table_reads_scores_without_tstr(tmp_path):
     experiment = _texture_experiment()
     scores = {"a": {**_IMAGE_SCORES, "tstr_ratio": 0.75, "tstr_iou_synthetic": 0.3,
                     "tstr_iou_real": 0.4},
-              "b": _IMAGE_SCORES}
-    for name, tstr in (("a", "tstr300"), ("b", "tstr0")):
+              "b": _IMAGE_SCORES,
+              "c": {**_IMAGE_SCORES, "tstr_ratio": 0.0, "tstr_iou_synthetic": 0.0,
+                    "tstr_iou_real": 0.4, "tstr_iou_synthetic_on_synthetic": 0.9}}
+    for name, tstr in (("a", "tstr300"), ("b", "tstr0"), ("c", "tstr300")):
         _finished_gan_run(tmp_path / name)
         (tmp_path / f"{name}_{tstr}_tiles.json").write_text(json.dumps(scores[name]))
-    rows = experiment.table(tmp_path, ["a", "b"], 300, "tiles").splitlines()
+    rows = experiment.table(tmp_path, ["a", "b", "c"], 300, "tiles").splitlines()
     assert rows[2].startswith("| a | 0.750 (0.300 / 0.400) | 0.500 |")
     assert rows[3].startswith("| b | not measured | 0.500 |")
+    assert rows[4].startswith("| c | 0.000 (0.000 / 0.400); on synthetic 0.900 | 0.500 |")
 
 
 def test_texture_table_summarises_tstr_over_evaluation_seeds(tmp_path):

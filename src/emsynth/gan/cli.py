@@ -351,6 +351,8 @@ def evaluate_cmd(
              "synthetic-trained / real-trained IoU on real held-out slices"),
             ("TSTR synthetic-trained", f"{scores['tstr_iou_synthetic']:.4f}",
              f"{scores['tstr_steps']} steps, trained on slices {scores['tstr_train_slices']}"),
+            ("TSTR synthetic on synthetic", f"{scores['tstr_iou_synthetic_on_synthetic']:.4f}",
+             "the synthetic-trained segmenter on synthetic images of the scored slices"),
             ("TSTR real-trained", f"{scores['tstr_iou_real']:.4f}",
              f"scored on real slices {scores['tstr_test_slices']}"),
         ]

@@ -463,10 +463,13 @@ def tstr(volume: Volume, synthetic: Volume, steps: int, recipe: Any = None,
     the training slices (see `tstr_split`), one trained by the same recipe for the same steps
     on the real images of those slices; both scored (foreground IoU at threshold 0.5, no
     validation, so nothing is chosen on the scored slices) on the real test slices.
+    The synthetic-trained one is also scored on the synthetic images of the test slices: high
+    there while near 0 on the real ones means the images teach a cue real slices lack (a domain
+    gap), not that the segmenter failed to learn.
 
     recipe: a SegmentConfig (None = its defaults); its steps, seed, validation and
-    checkpointing are set here. Returns tstr_iou_synthetic, tstr_iou_real, tstr_ratio and the
-    slices used. cache_dir: the real-trained reference depends on the real slices and the recipe
+    checkpointing are set here. Returns tstr_iou_synthetic, tstr_iou_synthetic_on_synthetic,
+    tstr_iou_real, tstr_ratio and the slices used. cache_dir: the real-trained reference depends on the real slices and the recipe
     only, so it is kept there under its content key (`tstr_real_key`) and reused when an
     ablation scores several generators on the same slices.
     """
@@ -502,8 +505,12 @@ def tstr(volume: Volume, synthetic: Volume, steps: int, recipe: Any = None,
             model = load_segmenter(folders[name], device)
             model.threshold = 0.5
             scores[name] = fcn_iou(model, test, torch.device(device), precision)
+            if name == "synthetic":
+                scores["own"] = fcn_iou(model, synthetic.select(test_idx), torch.device(device),
+                                        precision)
     return {
         "tstr_iou_synthetic": scores["synthetic"],
+        "tstr_iou_synthetic_on_synthetic": scores["own"],
         "tstr_iou_real": scores["real"],
         "tstr_ratio": (scores["synthetic"] / scores["real"] if scores["real"] > 0
                        else float("nan")),
