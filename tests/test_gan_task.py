@@ -130,6 +130,21 @@ def test_texture_ablation_resumes_a_killed_run(tmp_path):
     assert not experiment.finished(tmp_path / "absent", 3000)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two usable cores")
+def test_texture_jobs_run_on_cores_of_their_own(tmp_path, monkeypatch):
+    """--jobs 2: the two commands at once are pinned to two different single cores (emsynth
+    sizes its threads to them), so they do not each take every core."""
+    experiment = _texture_experiment()
+    script = ("import os, sys, time; time.sleep(1); "
+              "open(sys.argv[1], 'w').write(' '.join(map(str, sorted(os.sched_getaffinity(0)))))")
+    monkeypatch.setattr(experiment, "EMSYNTH", [sys.executable, "-c", script])
+    outs = [tmp_path / f"{k}.txt" for k in range(2)]
+    experiment.run_all([([str(o)], tmp_path / f"{k}.log") for k, o in enumerate(outs)], 2)
+    cores = [o.read_text().split() for o in outs]
+    assert [len(c) for c in cores] == [1, 1] and cores[0] != cores[1]
+
+
 def test_texture_table_reads_scores_without_tstr(tmp_path):
     """A variant scored with --tstr-steps 0 shows in the TSTR table as not measured, beside one
     scored with TSTR, rather than failing the whole table."""
