@@ -74,6 +74,7 @@ VARIANTS: dict[str, list[str]] = {
     "diffaug": ["diffaugment.policy=[translation,colour,cutout]"],
     "consist": ["loss.consistency_weight=1", "loss.consistency_segmenter={ref}"],
     "han": HAN,
+    "han_resize": [*HAN, "model.upsample=resize"],
     "spade": ["model.arch=spade", "model.decoder_noise=0.1"],
     "spade_han": [*HAN, "model.arch=spade"],
 }

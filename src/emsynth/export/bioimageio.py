@@ -198,6 +198,7 @@ def exported_generator(generator: torch.nn.Module, conditioning: Conditioning,
         "ngf": int(net.ngf), "channels": list(conditioning.channels),
         "mask_range": conditioning.mask_range, "decoder_noise": float(getattr(net, "noise", 0.0)),
         "dropout": bool(dropout), "seed": int(seed),
+        "upsample": getattr(net, "upsample", "transpose"),
     }
     module = ExportedGenerator(**kwargs)
     module.net.load_state_dict(net.state_dict())

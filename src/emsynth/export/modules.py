@@ -100,8 +100,8 @@ class ExportedGenerator(nn.Module):
     """A saved emsynth generator as one module: masks (b, c, y, x), any value > 0 = the label
     -> synthetic EM (b, 1, y, x) in 0-1, any y, x. Keyword arguments are JSON-plain.
 
-    arch / in_channels / ngf / decoder_noise: the generator (`build_generator`); channels /
-    mask_range: its `Conditioning`; dropout / seed: as `emsynth gan synthesize --dropout --seed`.
+    arch / in_channels / ngf / decoder_noise / upsample: the generator (`build_generator`);
+    channels / mask_range: its `Conditioning`; dropout / seed: as `emsynth gan synthesize --dropout --seed`.
     Dropout and decoder noise are random, so every call re-seeds them with `seed` (through
     `synthesize_array`): the same input gives the same output, call after call. The output is
     `(synthesize_array(...) + 1) / 2`, in fp32; round(255 x output) is the image of
@@ -110,14 +110,14 @@ class ExportedGenerator(nn.Module):
 
     def __init__(self, arch: str, in_channels: int, ngf: int, channels: list[str],
                  mask_range: str = "-1,1", decoder_noise: float = 0.0, dropout: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, upsample: str = "transpose") -> None:
         super().__init__()
         if len(channels) != in_channels:
             raise ValueError(f"{len(channels)} conditioning channels for {in_channels} inputs")
         self.conditioning = Conditioning(tuple(channels), mask_range)
         self.dropout = bool(dropout)
         self.seed = int(seed)
-        self.net = build_generator(arch, in_channels, ngf, decoder_noise)
+        self.net = build_generator(arch, in_channels, ngf, decoder_noise, upsample)
         self.eval()
 
     @torch.no_grad()

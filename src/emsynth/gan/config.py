@@ -86,6 +86,11 @@ class GanModelConfig(StrictModel):
         0.0, ge=0, description="Sigma of Gaussian noise added to every decoder block's output, "
         "in training and at synthesis (Han et al.: 0.1); 0 = off (the spec).",
     )
+    upsample: Literal["transpose", "resize"] = Field(
+        "transpose", description="How the U-Net decoder upsamples: 4x4 stride-2 transposed "
+        "convolution (the spec) or 2x nearest resize and a 3x3 convolution (no checkerboard "
+        "artefacts, Odena et al. 2016). SPADE always resizes.",
+    )
 
 
 class GanLossConfig(StrictModel):
@@ -193,6 +198,7 @@ ADDED_OPTIONS: dict[tuple[str, str], object] = {
     ("model", "d_downsample"): True,
     ("model", "spectral_norm"): False,
     ("model", "decoder_noise"): 0.0,
+    ("model", "upsample"): "transpose",
     ("loss", "class_l1_weights"): {},
     ("loss", "scale_weights"): None,
     ("loss", "consistency_weight"): 0.0,

@@ -1,10 +1,10 @@
 """The trained generator as a file: export after training, load for synthesis.
 
 `run_dir/generator.safetensors` holds the generator's weights with what is needed to rebuild
-and feed it (architecture, width, decoder noise, conditioning channels, mask range);
-`load_generator` also accepts a GAN run folder, falling back to its latest checkpoint while no
-export exists. Files written before `arch` and `decoder_noise` existed load as the spec U-Net
-without noise.
+and feed it (architecture, width, decoder noise, upsampling, conditioning channels, mask
+range); `load_generator` also accepts a GAN run folder, falling back to its latest checkpoint
+while no export exists. Files written before `arch`, `decoder_noise` and `upsample` existed
+load as the spec U-Net without noise.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def export_generator(path: str | Path, generator: nn.Module, conditioning: Condi
         "format": _FORMAT,
         "arch": getattr(net, "arch", "unet"),
         "decoder_noise": float(getattr(net, "noise", 0.0)),
+        "upsample": getattr(net, "upsample", "transpose"),
         "ngf": net.ngf,
         "in_channels": net.in_channels,
         "channels": list(conditioning.channels),
@@ -65,7 +66,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu"
         raise input_error(path, "not an emsynth GAN generator file",
                           f"pass the {GENERATOR_FILE} of a GAN run")
     generator = build_generator(metadata.get("arch", "unet"), int(metadata["in_channels"]),
-                                int(metadata["ngf"]), float(metadata.get("decoder_noise", 0.0)))
+                                int(metadata["ngf"]), float(metadata.get("decoder_noise", 0.0)),
+                                metadata.get("upsample", "transpose"))
     ckpt.load_weights(path, {"generator": generator})
     conditioning = Conditioning(tuple(metadata["channels"]), metadata["mask_range"])
     return generator.to(device), conditioning, metadata
@@ -80,7 +82,8 @@ def _from_checkpoint(path: Path, device: str | torch.device
         conditioning = Conditioning(channels, task_cfg["data"]["mask_range"])
         model = task_cfg["model"]
         generator = build_generator(model.get("arch", "unet"), len(channels), int(model["ngf"]),
-                                    float(model.get("decoder_noise", 0.0)))
+                                    float(model.get("decoder_noise", 0.0)),
+                                    model.get("upsample", "transpose"))
         generator.load_state_dict(state["modules"]["generator"])
     except (KeyError, TypeError, RuntimeError) as err:
         raise input_error(path, f"not a GAN checkpoint ({type(err).__name__}: {err})"[:200],

@@ -11,7 +11,11 @@ the first encoder layer and on the innermost one (1x1 at 256 input, where it wou
 features), as in the pix2pix code.
 
 SPADE generator (`model.arch: spade`): see `SPADEGenerator`. Both generators can add Gaussian
-noise to every decoder block's output (`DecoderNoise`, off by default).
+noise to every decoder block's output (`DecoderNoise`, off by default). The U-Net's decoder can
+upsample by nearest-neighbour resizing and a 3x3 convolution instead of the transposed
+convolution (`model.upsample: resize`; Odena, Dumoulin & Olah 2016: a 4x4 stride-2 transposed
+convolution's uneven kernel overlap draws checkerboard patterns), a departure from the paper
+that is off by default.
 
 Discriminator: three PatchGANs C64-C128-C256-C512 (pix2pix n_layers=3, receptive field 70x70)
 that see the concatenated (masks, image) at full, 1/2 and 1/4 resolution, obtained by average
@@ -41,6 +45,9 @@ DECODER_INPUT_MULTIPLIERS = (8, 16, 16, 16, 16, 8, 4, 2)
 DROPOUT_BLOCKS = 3
 #: The generator's input side must be a multiple of this (2 ** number of stride-2 levels).
 SIDE_MULTIPLE = 2 ** len(ENCODER_MULTIPLIERS)
+#: How the U-Net's decoder doubles the resolution: the spec's 4x4 stride-2 transposed
+#: convolution, or a nearest-neighbour 2x resize followed by a 3x3 convolution.
+UPSAMPLERS = ("transpose", "resize")
 
 
 #: On CPU, convolutions whose input map has at most this many pixels (16x16) run as one
@@ -118,17 +125,28 @@ class DecoderNoise(nn.Module):
 
 
 class _Up(_Block):
-    """Decoder block: ReLU -> 4x4 stride-2 transposed conv -> [InstanceNorm] -> [Dropout 0.5]
-    -> [+ Gaussian noise]."""
+    """Decoder block: ReLU -> 4x4 stride-2 transposed conv (or 2x nearest resize and 3x3 conv)
+    -> [InstanceNorm] -> [Dropout 0.5] -> [+ Gaussian noise]."""
 
     def __init__(self, c_in: int, c_out: int, *, norm: bool, dropout: bool,
-                 noise: float = 0.0) -> None:
+                 noise: float = 0.0, upsample: str = "transpose") -> None:
         super().__init__()
+        if upsample not in UPSAMPLERS:
+            raise ValueError(f"unknown upsample {upsample!r}; use {', '.join(UPSAMPLERS)}")
+        self.resize = upsample == "resize"
         self.act = nn.ReLU()
-        self.conv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=not norm)
+        if self.resize:
+            self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not norm)
+        else:
+            self.conv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=not norm)
         self.norm = nn.InstanceNorm2d(c_out) if norm else nn.Identity()
         self.dropout = nn.Dropout(0.5) if dropout else nn.Identity()
         self.noise = DecoderNoise(noise)
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize:
+            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return super()._convolve(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.noise(self.dropout(self.norm(self._convolve(self.act(x)))))
@@ -157,8 +175,9 @@ class UNetGenerator(_Generator):
     arch = "unet"
 
     def __init__(self, in_channels: int = 2, out_channels: int = 1, ngf: int = 64,
-                 noise: float = 0.0) -> None:
+                 noise: float = 0.0, upsample: str = "transpose") -> None:
         super().__init__(in_channels, ngf, noise)
+        self.upsample = upsample
         enc_widths = [m * ngf for m in ENCODER_MULTIPLIERS]
         n = len(enc_widths)
         self.down = nn.ModuleList()
@@ -174,7 +193,7 @@ class UNetGenerator(_Generator):
         # Noise on every decoder block's output but the image's (that one is the tanh input).
         self.up = nn.ModuleList(
             _Up(ci, co, norm=j < n - 1, dropout=j < DROPOUT_BLOCKS,
-                noise=noise if j < n - 1 else 0.0)
+                noise=noise if j < n - 1 else 0.0, upsample=upsample)
             for j, (ci, co) in enumerate(zip(dec_in, dec_out))
         )
         self.out_act = nn.Tanh()
@@ -288,12 +307,16 @@ class SPADEGenerator(_Generator):
 GENERATORS: dict[str, type[nn.Module]] = {"unet": UNetGenerator, "spade": SPADEGenerator}
 
 
-def build_generator(arch: str, in_channels: int, ngf: int, noise: float = 0.0) -> nn.Module:
-    """The generator of `model.arch` (unet = the spec), 1 output channel."""
+def build_generator(arch: str, in_channels: int, ngf: int, noise: float = 0.0,
+                    upsample: str = "transpose") -> nn.Module:
+    """The generator of `model.arch` (unet = the spec), 1 output channel; `upsample` is the
+    U-Net decoder's (SPADE always resizes)."""
     try:
         cls = GENERATORS[arch]
     except KeyError:
         raise ValueError(f"unknown generator arch {arch!r}; use {', '.join(GENERATORS)}") from None
+    if cls is UNetGenerator:
+        return cls(in_channels, 1, ngf, noise=noise, upsample=upsample)
     return cls(in_channels, 1, ngf, noise=noise)
 
 

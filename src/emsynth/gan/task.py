@@ -84,8 +84,8 @@ class GanTask(Task):
     def setup(self, ctx: StepContext) -> None:
         model, optim = self.cfg.model, self.cfg.optim
         channels = len(self.conditioning.channels)
-        generator = build_generator(model.arch, channels, model.ngf,
-                                    model.decoder_noise).to(ctx.device)
+        generator = build_generator(model.arch, channels, model.ngf, model.decoder_noise,
+                                    model.upsample).to(ctx.device)
         discriminator = MultiScaleDiscriminator(channels + 1, model.ndf, model.n_scales,
                                                 downsample=model.d_downsample,
                                                 spectral_norm=model.spectral_norm)
