@@ -29,7 +29,7 @@ def test_mask_rgb_draws_mitochondria_over_membranes():
     np.testing.assert_allclose(rgb[3, 3], 0.0)
 
 
-def test_figure_cli_puts_one_column_per_generator(tmp_path):
+def test_figure_cli_puts_one_column_per_generator(tmp_path, monkeypatch):
     volume = generate_volume("vnc", 3, (256, 256), seed=5)
     write_slice_folder(volume, tmp_path / "data")
     runs = {}
@@ -57,6 +57,21 @@ def test_figure_cli_puts_one_column_per_generator(tmp_path):
         assert red.sum() > 100
     # A second generator adds one column of the same width (2.4 in of 4 columns' width).
     assert abs(widths["two"] / widths["one"] - 4 / 3) < 0.02
+    # Generators on the same masks are each named by their run folder, the others by their masks.
+    import shutil
+
+    from emsynth.gan import figures
+
+    shutil.copytree(runs["both"], tmp_path / "both_again")
+    drawn = {}
+    monkeypatch.setattr(figures, "comparison_figure",
+                        lambda out, volume, columns, **kw: drawn.update(columns))
+    args = ["gan", "figure", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "n.png"),
+            "--slices", "0", "--device", "cpu"]
+    for gen in (runs["both"], tmp_path / "both_again", runs["mito"]):
+        args += ["-g", str(gen)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert list(drawn) == ["both", "both_again", "synthetic (mito)"]
     bad = CliRunner().invoke(app, ["gan", "figure", "-g", str(runs["both"]), "--data",
                                    str(tmp_path / "data"), "--out", str(tmp_path / "f.jpg")])
     assert bad.exception is not None and "PNG" in str(bad.exception)

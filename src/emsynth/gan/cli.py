@@ -412,10 +412,10 @@ def figure_cmd(
     volume = volume.select(rows)
     volume.labels = {name: lab for name, lab in volume.labels.items() if name in used}
     columns: dict[str, object] = {}
-    for path, generator, conditioning in loaded:
-        name = f"synthetic ({' + '.join(conditioning.channels)})"
-        if name in columns:
-            name = f"{name}, {Path(path).name}"
+    labels = [f"synthetic ({' + '.join(conditioning.channels)})" for _, _, conditioning in loaded]
+    for label, (path, generator, conditioning) in zip(labels, loaded):
+        # Generators on the same masks are told apart by their run folder, every one of them.
+        name = Path(path).name if labels.count(label) > 1 else label
         columns[name] = synthesize_volume(generator, volume, conditioning, dropout=dropout,
                                           seed=seed, device=dev, precision="fp32").image
     comparison_figure(out_path, volume, columns, rows=list(range(len(volume))), crop=crop or None,
