@@ -325,7 +325,7 @@ def table(out: Path, names: list[str], tstr_steps: int, synthesis: str) -> str:
         ratios = tstr_by_seed(out, name, tstr_steps, synthesis)
         tstr = (f"{s['tstr_ratio']:.3f} ({s['tstr_iou_synthetic']:.3f} / {s['tstr_iou_real']:.3f})"
                 if "tstr_ratio" in s else "not measured")
-        if "tstr_iou_synthetic_on_synthetic" in s:  # scored since stop 29
+        if "tstr_iou_synthetic_on_synthetic" in s:  # absent from scores written before it
             tstr += f"; on synthetic {s['tstr_iou_synthetic_on_synthetic']:.3f}"
         if len(ratios) > 1:
             tstr = summarize(list(ratios.values())).text()

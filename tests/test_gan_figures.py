@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import imageio.v3 as iio
 import numpy as np
 from tiny import GAN_TINY, GAN_TRAIN_ONLY
@@ -13,6 +15,7 @@ from emsynth.data.figures import OVERLAY_COLOURS
 from emsynth.data.phantom import generate_volume
 from emsynth.data.volume import MEMBRANE, MITO
 from emsynth.data.writers import write_slice_folder
+from emsynth.gan import figures
 from emsynth.gan.config import GanConfig
 from emsynth.gan.figures import mask_rgb
 from emsynth.gan.train import train_gan
@@ -58,10 +61,6 @@ def test_figure_cli_puts_one_column_per_generator(tmp_path, monkeypatch):
     # A second generator adds one column of the same width (2.4 in of 4 columns' width).
     assert abs(widths["two"] / widths["one"] - 4 / 3) < 0.02
     # Generators on the same masks are each named by their run folder, the others by their masks.
-    import shutil
-
-    from emsynth.gan import figures
-
     shutil.copytree(runs["both"], tmp_path / "both_again")
     drawn = {}
     monkeypatch.setattr(figures, "comparison_figure",

@@ -101,7 +101,8 @@ class ExportedGenerator(nn.Module):
     -> synthetic EM (b, 1, y, x) in 0-1, any y, x. Keyword arguments are JSON-plain.
 
     arch / in_channels / ngf / decoder_noise / upsample: the generator (`build_generator`);
-    channels / mask_range: its `Conditioning`; dropout / seed: as `emsynth gan synthesize --dropout --seed`.
+    channels / mask_range: its `Conditioning`; dropout / seed: as `emsynth gan synthesize
+    --dropout --seed`.
     Dropout and decoder noise are random, so every call re-seeds them with `seed` (through
     `synthesize_array`): the same input gives the same output, call after call. The output is
     `(synthesize_array(...) + 1) / 2`, in fp32; round(255 x output) is the image of

@@ -274,8 +274,10 @@ class SPADEGenerator(_Generator):
     arch = "spade"
 
     def __init__(self, in_channels: int = 2, out_channels: int = 1, ngf: int = 64,
-                 noise: float = 0.0) -> None:
+                 noise: float = 0.0, upsample: str = "resize") -> None:
         super().__init__(in_channels, ngf, noise)
+        # SPADE always resizes; `upsample` is taken so that every generator is built alike.
+        self.upsample = "resize"
         hidden = min(128, 2 * ngf)
         widths = [m * ngf for m in SPADE_MULTIPLIERS]
         self.levels = len(widths) - 1
@@ -315,9 +317,7 @@ def build_generator(arch: str, in_channels: int, ngf: int, noise: float = 0.0,
         cls = GENERATORS[arch]
     except KeyError:
         raise ValueError(f"unknown generator arch {arch!r}; use {', '.join(GENERATORS)}") from None
-    if cls is UNetGenerator:
-        return cls(in_channels, 1, ngf, noise=noise, upsample=upsample)
-    return cls(in_channels, 1, ngf, noise=noise)
+    return cls(in_channels, 1, ngf, noise=noise, upsample=upsample)
 
 
 def check_side(hw: tuple[int, ...] | torch.Size) -> None:

@@ -469,9 +469,9 @@ def tstr(volume: Volume, synthetic: Volume, steps: int, recipe: Any = None,
 
     recipe: a SegmentConfig (None = its defaults); its steps, seed, validation and
     checkpointing are set here. Returns tstr_iou_synthetic, tstr_iou_synthetic_on_synthetic,
-    tstr_iou_real, tstr_ratio and the slices used. cache_dir: the real-trained reference depends on the real slices and the recipe
-    only, so it is kept there under its content key (`tstr_real_key`) and reused when an
-    ablation scores several generators on the same slices.
+    tstr_iou_real, tstr_ratio and the slices used. cache_dir: the real-trained reference
+    depends on the real slices and the recipe only, so it is kept there under its content key
+    (`tstr_real_key`) and reused when an ablation scores several generators on the same slices.
     """
     from emsynth.segment.config import SegmentConfig
     from emsynth.segment.train import train_segmenter
