@@ -167,13 +167,14 @@ def _checkerboard(image: torch.Tensor) -> float:
     return float((power[h // 2, :].sum() + power[:, w // 2].sum()) / power.sum())
 
 
-def test_resize_upsampling_has_no_transposed_convolutions_and_no_checkerboard():
+@pytest.mark.parametrize("upsample", ["resize", "bilinear"])
+def test_resize_upsampling_has_no_transposed_convolutions_and_no_checkerboard(upsample):
     """The option swaps every decoder transposed conv for resize + 3x3 conv (the spec keeps
     them), and at initialisation a constant mask gives a resize generator no period-2 pattern
     while the spec's transposed convolutions draw one (Odena et al. 2016)."""
     torch.manual_seed(0)
-    spec, resize = build_generator("unet", 2, 8), build_generator("unet", 2, 8, upsample="resize")
-    assert spec.upsample == "transpose" and resize.upsample == "resize"
+    spec, resize = build_generator("unet", 2, 8), build_generator("unet", 2, 8, upsample=upsample)
+    assert spec.upsample == "transpose" and resize.upsample == upsample
     assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in spec.modules()) == 8
     assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in resize.modules())
     x = torch.ones(1, 2, 256, 256)
@@ -181,22 +182,24 @@ def test_resize_upsampling_has_no_transposed_convolutions_and_no_checkerboard():
         a, b = spec.eval()(x)[0, 0], resize.eval()(x)[0, 0]
     assert b.shape == a.shape == (256, 256)
     assert _checkerboard(a) > 10 * _checkerboard(b), (_checkerboard(a), _checkerboard(b))
-    assert stored_config(_cfg("model.upsample=resize"))["model"]["upsample"] == "resize"
+    assert stored_config(_cfg(f"model.upsample={upsample}"))["model"]["upsample"] == upsample
     assert "upsample" not in stored_config(_cfg())["model"]  # runs before the option resume
     with pytest.raises(EmsynthError, match="upsample"):
-        _cfg("model.upsample=bilinear")
+        _cfg("model.upsample=bicubic")
 
 
-def test_resize_generator_trains_exports_and_reloads_the_same_network(tmp_path, phantom):
-    cfg = _cfg("engine.steps=2", *GAN_TRAIN_ONLY, *CPU, "model.upsample=resize")
+@pytest.mark.parametrize("upsample", ["resize", "bilinear"])
+def test_resize_generator_trains_exports_and_reloads_the_same_network(tmp_path, phantom,
+                                                                      upsample):
+    cfg = _cfg("engine.steps=2", *GAN_TRAIN_ONLY, *CPU, f"model.upsample={upsample}")
     train_gan(cfg, tmp_path / "run", resume=False, volumes=[phantom])
     loaded, conditioning, meta = load_generator(tmp_path / "run")
-    assert meta["upsample"] == "resize" and loaded.upsample == "resize"
+    assert meta["upsample"] == upsample and loaded.upsample == upsample
     # the bioimage.io module rebuilds it from its plain kwargs, with the same outputs
     from emsynth.export.bioimageio import exported_generator
 
     module, kwargs = exported_generator(loaded, conditioning, dropout=False)
-    assert kwargs["upsample"] == "resize"
+    assert kwargs["upsample"] == upsample
     crop = {k: v[:1, :256, :256] for k, v in phantom.labels.items()}
     expected = synthesize_volume(loaded, Volume(np.zeros((1, 256, 256), np.uint8), crop),
                                  conditioning, dropout=False, precision="fp32").image

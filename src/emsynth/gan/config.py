@@ -86,10 +86,11 @@ class GanModelConfig(StrictModel):
         0.0, ge=0, description="Sigma of Gaussian noise added to every decoder block's output, "
         "in training and at synthesis (Han et al.: 0.1); 0 = off (the spec).",
     )
-    upsample: Literal["transpose", "resize"] = Field(
+    upsample: Literal["transpose", "resize", "bilinear"] = Field(
         "transpose", description="How the U-Net decoder upsamples: 4x4 stride-2 transposed "
-        "convolution (the spec) or 2x nearest resize and a 3x3 convolution (no checkerboard "
-        "artefacts, Odena et al. 2016). SPADE always resizes.",
+        "convolution (the spec), or 2x nearest (resize) or bilinear resize and a 3x3 "
+        "convolution (no checkerboard artefacts, Odena et al. 2016; bilinear also draws no "
+        "block-grid lattice). SPADE always resizes (nearest).",
     )
 
 

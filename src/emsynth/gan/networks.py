@@ -12,10 +12,13 @@ features), as in the pix2pix code.
 
 SPADE generator (`model.arch: spade`): see `SPADEGenerator`. Both generators can add Gaussian
 noise to every decoder block's output (`DecoderNoise`, off by default). The U-Net's decoder can
-upsample by nearest-neighbour resizing and a 3x3 convolution instead of the transposed
-convolution (`model.upsample: resize`; Odena, Dumoulin & Olah 2016: a 4x4 stride-2 transposed
-convolution's uneven kernel overlap draws checkerboard patterns), a departure from the paper
-that is off by default.
+upsample by nearest-neighbour (`model.upsample: resize`) or bilinear (`bilinear`) resizing and
+a 3x3 convolution instead of the transposed convolution (Odena, Dumoulin & Olah 2016: a 4x4
+stride-2 transposed convolution's uneven kernel overlap draws checkerboard patterns), a
+departure from the paper that is off by default. Nearest resizing still renders every coarse
+feature pixel as a block on a fixed grid, so a generator that varies its coarse features draws
+a lattice with the period of that grid (8 px measured inside CA1 mitochondria); bilinear
+resizing has no block edges.
 
 Discriminator: three PatchGANs C64-C128-C256-C512 (pix2pix n_layers=3, receptive field 70x70)
 that see the concatenated (masks, image) at full, 1/2 and 1/4 resolution, obtained by average
@@ -46,8 +49,8 @@ DROPOUT_BLOCKS = 3
 #: The generator's input side must be a multiple of this (2 ** number of stride-2 levels).
 SIDE_MULTIPLE = 2 ** len(ENCODER_MULTIPLIERS)
 #: How the U-Net's decoder doubles the resolution: the spec's 4x4 stride-2 transposed
-#: convolution, or a nearest-neighbour 2x resize followed by a 3x3 convolution.
-UPSAMPLERS = ("transpose", "resize")
+#: convolution, or a nearest-neighbour or bilinear 2x resize followed by a 3x3 convolution.
+UPSAMPLERS = ("transpose", "resize", "bilinear")
 
 
 #: On CPU, convolutions whose input map has at most this many pixels (16x16) run as one
@@ -125,7 +128,7 @@ class DecoderNoise(nn.Module):
 
 
 class _Up(_Block):
-    """Decoder block: ReLU -> 4x4 stride-2 transposed conv (or 2x nearest resize and 3x3 conv)
+    """Decoder block: ReLU -> 4x4 stride-2 transposed conv (or 2x resize and 3x3 conv)
     -> [InstanceNorm] -> [Dropout 0.5] -> [+ Gaussian noise]."""
 
     def __init__(self, c_in: int, c_out: int, *, norm: bool, dropout: bool,
@@ -133,7 +136,7 @@ class _Up(_Block):
         super().__init__()
         if upsample not in UPSAMPLERS:
             raise ValueError(f"unknown upsample {upsample!r}; use {', '.join(UPSAMPLERS)}")
-        self.resize = upsample == "resize"
+        self.resize = {"resize": "nearest", "bilinear": "bilinear"}.get(upsample)
         self.act = nn.ReLU()
         if self.resize:
             self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not norm)
@@ -145,7 +148,7 @@ class _Up(_Block):
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
         if self.resize:
-            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+            return self.conv(F.interpolate(x, scale_factor=2, mode=self.resize))
         return super()._convolve(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
