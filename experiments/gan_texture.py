@@ -75,6 +75,7 @@ VARIANTS: dict[str, list[str]] = {
     "consist": ["loss.consistency_weight=1", "loss.consistency_segmenter={ref}"],
     "han": HAN,
     "han_resize": [*HAN, "model.upsample=resize"],
+    "han_bilinear": [*HAN, "model.upsample=bilinear"],
     "spade": ["model.arch=spade", "model.decoder_noise=0.1"],
     "spade_han": [*HAN, "model.arch=spade"],
 }
@@ -307,19 +308,22 @@ def tstr_difference(out: Path, a: str, b: str, tstr_steps: int, synthesis: str) 
 
 
 def table(out: Path, names: list[str], tstr_steps: int, synthesis: str) -> str:
-    """Markdown table of the variants' scores, with the CPU kind and precision they trained in.
+    """Markdown table of the variants' scores, with the CPU kind and precision they trained in;
+    a variant's scores with and without TSTR are merged (the synthesis is the same).
     TSTR is seed 0's (synthetic / real IoU; and the synthetic-trained segmenter's IoU on
     synthetic images, where scored) or, when several seeds were scored, their mean ± 95%
     t-interval; the other columns are seed 0's."""
     header = ("| variant | TSTR ratio (synthetic / real IoU) | spectrum distance | local-std W1 "
-              "cytoplasm / mito | FID − baseline | KID | grey W1 | FCN ratio | steps | CPU, "
-              "precision |")
-    rows = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+              "cytoplasm / mito | lattice mito (real) | FID − baseline | KID | grey W1 | "
+              "FCN ratio | steps | CPU, precision |")
+    rows = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        path = score_file(out, name, tstr_steps, synthesis)
-        if not path.is_file():  # scored without TSTR (--tstr-steps 0) only
-            path = score_file(out, name, 0, synthesis)
-        s = json.loads(path.read_text())
+        # Scores with and without TSTR (--tstr-steps 0) come from the same synthesis: a TSTR file
+        # written before the lattice score existed takes it from a later --tstr-steps 0 run.
+        s = {}
+        for steps in (0, tstr_steps):
+            path = score_file(out, name, steps, synthesis)
+            s.update(json.loads(path.read_text()) if path.is_file() else {})
         run = json.loads((out / name / "run.json").read_text())
         kind = f"{run['resolved']['cpu_kind']}, {run['resolved']['precision']}"
         ratios = tstr_by_seed(out, name, tstr_steps, synthesis)
@@ -329,9 +333,11 @@ def table(out: Path, names: list[str], tstr_steps: int, synthesis: str) -> str:
             tstr += f"; on synthetic {s['tstr_iou_synthetic_on_synthetic']:.3f}"
         if len(ratios) > 1:
             tstr = summarize(list(ratios.values())).text()
+        lattice = (f"{s['lattice_mito']:.3f} ({s['lattice_mito_real']:.3f})"
+                   if "lattice_mito" in s else "not measured")  # scores written before it
         rows.append(
             f"| {name} | {tstr} | {s['spectrum_distance']:.3f} | "
-            f"{s['local_std_w1_cytoplasm']:.1f} / {s['local_std_w1_mito']:.1f} | "
+            f"{s['local_std_w1_cytoplasm']:.1f} / {s['local_std_w1_mito']:.1f} | {lattice} | "
             f"{s['fid_minus_baseline']:.2f} | {s['kid']:.2f} | {s['grey_level_w1']:.1f} | "
             f"{s['fcn_ratio']:.2f} | {run['end_step']} | {kind} |")
     return "\n".join(rows)

@@ -34,8 +34,10 @@ from emsynth.gan.quality import (
     frechet_distance,
     grey_level_distance,
     kernel_inception_distance,
+    lattice_score,
     local_std_distance,
     random_crops,
+    region_windows,
     spectrum_distance,
     ssim_psnr,
     texture_regions,
@@ -208,6 +210,35 @@ def test_texture_statistics_fail_flat_and_blurred_images():
             assert bad[key] > 2 * good[key], (key, bad[key], good[key])
     assert local_std_distance(real.image, real.image, regions["mito"]) == 0
     assert math.isnan(local_std_distance(real.image, real.image, np.zeros(real.shape, bool)))
+
+
+def test_region_windows_lie_wholly_inside_the_region():
+    region = np.zeros((2, 96, 96), bool)
+    region[0, 10:42, 20:52] = True  # exactly one 32 px window, but off the 16 px grid
+    region[1, 16:64, 0:48] = True  # 48 x 48 on the grid: corners (16|32, 0|16) = 4 windows
+    stack = np.where(region, 1.0, 0.0)
+    assert len(region_windows(stack, region)) == 4
+    assert region_windows(stack, region).min() == 1.0  # nothing from outside the region
+    region[1, 20, 40] = False  # a hole in one window (rows 16-47, columns 16-47) only
+    assert len(region_windows(stack, region)) == 3
+    assert region_windows(stack, np.zeros_like(region)).shape == (0, 32, 32)
+
+
+def test_lattice_score_finds_a_regular_pattern_only_inside_its_region():
+    """An 8 px lattice (what the CA1 generators draw inside mitochondria) on noise scores far
+    above the noise alone; the same lattice outside the scored region does not count."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:128, :128]
+    lattice = 20 * (np.cos(2 * np.pi * x / 8) + np.cos(2 * np.pi * y / 8))
+    noise = 128 + rng.normal(0, 10, (1, 128, 128))
+    region = np.zeros((1, 128, 128), bool)
+    region[:, :, :64] = True
+    inside = np.where(region, noise + lattice, noise)
+    outside = np.where(region, noise, noise + lattice)
+    assert lattice_score(noise, region) < 0.1
+    assert lattice_score(inside, region) > 0.25  # 4 of its 8 peaks, each spread by the window
+    assert lattice_score(outside, region) < 0.1
+    assert math.isnan(lattice_score(noise, np.zeros_like(region)))
 
 
 def test_tstr_split_and_a_tiny_run(tmp_path):

@@ -147,20 +147,29 @@ def test_texture_jobs_run_on_cores_of_their_own(tmp_path, monkeypatch):
 
 def test_texture_table_reads_scores_without_tstr(tmp_path):
     """A variant scored with --tstr-steps 0 shows in the TSTR table as not measured, beside one
-    scored with TSTR, rather than failing the whole table."""
+    scored with TSTR, rather than failing the whole table; so do scores written before the
+    lattice score existed."""
     experiment = _texture_experiment()
     scores = {"a": {**_IMAGE_SCORES, "tstr_ratio": 0.75, "tstr_iou_synthetic": 0.3,
                     "tstr_iou_real": 0.4},
               "b": _IMAGE_SCORES,
               "c": {**_IMAGE_SCORES, "tstr_ratio": 0.0, "tstr_iou_synthetic": 0.0,
-                    "tstr_iou_real": 0.4, "tstr_iou_synthetic_on_synthetic": 0.9}}
+                    "tstr_iou_real": 0.4, "tstr_iou_synthetic_on_synthetic": 0.9,
+                    "lattice_mito": 0.3, "lattice_mito_real": 0.09}}
     for name, tstr in (("a", "tstr300"), ("b", "tstr0"), ("c", "tstr300")):
         _finished_gan_run(tmp_path / name)
         (tmp_path / f"{name}_{tstr}_tiles.json").write_text(json.dumps(scores[name]))
     rows = experiment.table(tmp_path, ["a", "b", "c"], 300, "tiles").splitlines()
     assert rows[2].startswith("| a | 0.750 (0.300 / 0.400) | 0.500 |")
+    assert rows[2].split(" | ")[4] == "not measured"
+    # a later --tstr-steps 0 run of the same generator adds the lattice to its TSTR row
+    (tmp_path / "a_tstr0_tiles.json").write_text(json.dumps(
+        {**_IMAGE_SCORES, "lattice_mito": 0.25, "lattice_mito_real": 0.09}))
+    rows = experiment.table(tmp_path, ["a", "b", "c"], 300, "tiles").splitlines()
     assert rows[3].startswith("| b | not measured | 0.500 |")
-    assert rows[4].startswith("| c | 0.000 (0.000 / 0.400); on synthetic 0.900 | 0.500 |")
+    assert rows[4].startswith("| c | 0.000 (0.000 / 0.400); on synthetic 0.900 | 0.500 | "
+                              "3.0 / 4.0 | 0.300 (0.090) |")
+    assert rows[2].startswith("| a | 0.750 (0.300 / 0.400) | 0.500 | 3.0 / 4.0 | 0.250 (0.090) |")
 
 
 def test_texture_table_summarises_tstr_over_evaluation_seeds(tmp_path):

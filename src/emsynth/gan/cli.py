@@ -341,6 +341,10 @@ def evaluate_cmd(
         ("local-std W1 cytoplasm", f"{scores['local_std_w1_cytoplasm']:.2f}",
          "grey levels, 7x7 windows"),
         ("local-std W1 mito", f"{scores['local_std_w1_mito']:.2f}", "grey levels, 7x7 windows"),
+        ("lattice mito", f"{scores['lattice_mito']:.3f}",
+         f"peak share of 32 px windows; real {scores['lattice_mito_real']:.3f}"),
+        ("lattice cytoplasm", f"{scores['lattice_cytoplasm']:.3f}",
+         f"peak share of 32 px windows; real {scores['lattice_cytoplasm_real']:.3f}"),
         ("grey-level W1", f"{scores['grey_level_w1']:.2f}",
          (f"mean grey real {scores['mean_grey_real']:.1f}, "
           f"synthetic {scores['mean_grey_synthetic']:.1f}")),
