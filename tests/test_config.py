@@ -64,6 +64,24 @@ def test_stage_presets_load_with_their_typed_configs():
             load_config(model, preset)
 
 
+def test_tstr_recipes_are_the_cpu_segment_preset_but_for_intensity_augmentation():
+    """cpu_jitter / _intensity / _noise are copies of cpu.yaml for TSTR: they must not drift from it
+    in anything but the intensity augmentation they exist for."""
+    from pathlib import Path
+
+    from emsynth.segment.config import SegmentConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "segment"
+    base = load_config(SegmentConfig, root / "cpu.yaml").model_dump()
+    assert (base["augment"].pop("intensity_prob"), base["augment"].pop("noise_prob")) == (0, 0)
+    for name, intensity, noise in (("cpu_jitter.yaml", 0.8, 0.5), ("cpu_intensity.yaml", 0.8, 0.0),
+                                   ("cpu_noise.yaml", 0.0, 0.5)):
+        recipe = load_config(SegmentConfig, root / name).model_dump()
+        assert recipe["augment"].pop("intensity_prob") == intensity
+        assert recipe["augment"].pop("noise_prob") == noise
+        assert recipe == base, name
+
+
 def test_composed_augmentation_keeps_the_dumped_keys_study_cells_hash():
     """Study cell keys hash these dumps: composing the classes must not rename a key."""
     from emsynth.segment.config import AugmentConfig, GeometryConfig
