@@ -225,7 +225,7 @@ def test_region_windows_lie_wholly_inside_the_region():
 
 
 def test_lattice_score_finds_a_regular_pattern_only_inside_its_region():
-    """An 8 px lattice (what the CA1 generators draw inside mitochondria) on noise scores far
+    """An 8 px lattice (like the grid the CA1 generators draw in mitochondria) on noise scores far
     above the noise alone; the same lattice outside the scored region does not count."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[:128, :128]

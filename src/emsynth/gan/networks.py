@@ -17,8 +17,8 @@ a 3x3 convolution instead of the transposed convolution (Odena, Dumoulin & Olah 
 stride-2 transposed convolution's uneven kernel overlap draws checkerboard patterns), a
 departure from the paper that is off by default. Nearest resizing still renders every coarse
 feature pixel as a block on a fixed grid, so a generator that varies its coarse features draws
-a lattice with the period of that grid (8 px measured inside CA1 mitochondria); bilinear
-resizing has no block edges.
+a lattice with the period of that grid (visible inside CA1 mitochondria,
+docs/gan_ca1_upsampling.png); bilinear resizing has no block edges.
 
 Discriminator: three PatchGANs C64-C128-C256-C512 (pix2pix n_layers=3, receptive field 70x70)
 that see the concatenated (masks, image) at full, 1/2 and 1/4 resolution, obtained by average
@@ -136,9 +136,10 @@ class _Up(_Block):
         super().__init__()
         if upsample not in UPSAMPLERS:
             raise ValueError(f"unknown upsample {upsample!r}; use {', '.join(UPSAMPLERS)}")
-        self.resize = {"resize": "nearest", "bilinear": "bilinear"}.get(upsample)
+        # F.interpolate's mode, None for the transposed convolution
+        self.resize_mode = {"resize": "nearest", "bilinear": "bilinear"}.get(upsample)
         self.act = nn.ReLU()
-        if self.resize:
+        if self.resize_mode:
             self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=not norm)
         else:
             self.conv = nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=not norm)
@@ -147,8 +148,8 @@ class _Up(_Block):
         self.noise = DecoderNoise(noise)
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
-        if self.resize:
-            return self.conv(F.interpolate(x, scale_factor=2, mode=self.resize))
+        if self.resize_mode:
+            return self.conv(F.interpolate(x, scale_factor=2, mode=self.resize_mode))
         return super()._convolve(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
