@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from monai.networks.nets import BasicUNet, UNet
+from scipy import ndimage
 from tiny import GAN_TINY, GAN_TRAIN_ONLY, SEGMENT_TINY
 from torch import nn
 from typer.testing import CliRunner
@@ -36,6 +37,7 @@ from emsynth.gan.quality import (
     kernel_inception_distance,
     lattice_score,
     local_std_distance,
+    pixel_noise,
     random_crops,
     region_windows,
     spectrum_distance,
@@ -208,6 +210,9 @@ def test_texture_statistics_fail_flat_and_blurred_images():
         bad = texture_scores(real, flat, crops=8, crop_size=128)
         for key in ("spectrum_distance", "local_std_w1_cytoplasm", "local_std_w1_mito"):
             assert bad[key] > 2 * good[key], (key, bad[key], good[key])
+        # flat images lose the pixel-level noise; the fresh noise adds to the real one
+        assert bad["pixel_noise_cytoplasm"] < 0.5 * bad["pixel_noise_cytoplasm_real"]
+    assert good["pixel_noise_cytoplasm"] > good["pixel_noise_cytoplasm_real"] + 1
     assert local_std_distance(real.image, real.image, regions["mito"]) == 0
     assert math.isnan(local_std_distance(real.image, real.image, np.zeros(real.shape, bool)))
 
@@ -239,6 +244,22 @@ def test_lattice_score_finds_a_regular_pattern_only_inside_its_region():
     assert lattice_score(inside, region) > 0.25  # 4 of its 8 peaks, each spread by the window
     assert lattice_score(outside, region) < 0.1
     assert math.isnan(lattice_score(noise, np.zeros_like(region)))
+
+
+def test_pixel_noise_recovers_the_noise_of_its_region_and_ignores_smooth_signal():
+    """Gaussian noise of std 6 on a smooth ramp and a blurred blob reads as ~6; the noise-free
+    signal as ~0; noise of std 20 outside the region does not leak in; no pixel = NaN."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:96, :96]
+    smooth = 60 + 0.8 * x + ndimage.gaussian_filter(80.0 * ((x - 48) ** 2 + (y - 48) ** 2 < 400), 4)
+    smooth = np.broadcast_to(smooth, (2, 96, 96))
+    region = np.zeros((2, 96, 96), bool)
+    region[:, 8:88, 8:60] = True
+    noisy = smooth + np.where(region, rng.normal(0, 6, region.shape), rng.normal(0, 20, region.shape))
+    assert pixel_noise(noisy, region) == pytest.approx(6.0, rel=0.05)
+    assert pixel_noise(smooth, region) < 0.6
+    assert pixel_noise(noisy, ~region) > 15
+    assert math.isnan(pixel_noise(noisy, np.zeros_like(region)))
 
 
 def test_tstr_split_and_a_tiny_run(tmp_path):

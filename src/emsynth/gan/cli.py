@@ -345,6 +345,10 @@ def evaluate_cmd(
          f"peak share of 32 px windows; real {scores['lattice_mito_real']:.3f}"),
         ("lattice cytoplasm", f"{scores['lattice_cytoplasm']:.3f}",
          f"peak share of 32 px windows; real {scores['lattice_cytoplasm_real']:.3f}"),
+        ("pixel noise cytoplasm", f"{scores['pixel_noise_cytoplasm']:.2f}",
+         f"grey levels (Immerkaer); real {scores['pixel_noise_cytoplasm_real']:.2f}"),
+        ("pixel noise mito", f"{scores['pixel_noise_mito']:.2f}",
+         f"grey levels (Immerkaer); real {scores['pixel_noise_mito_real']:.2f}"),
         ("grey-level W1", f"{scores['grey_level_w1']:.2f}",
          (f"mean grey real {scores['mean_grey_real']:.1f}, "
           f"synthetic {scores['mean_grey_synthetic']:.1f}")),
