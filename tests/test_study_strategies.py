@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +187,8 @@ def test_plan_has_fixed_steps_per_regime_and_the_ablation(tmp_path):
         config(ablation={"regimes": ["5slices"]})
 
 
-@pytest.mark.parametrize("name", ["demo", "lucchi_cpu", "lucchi_gpu", "lucchi_scarce_cpu"])
+@pytest.mark.parametrize("name", ["demo", "lucchi_cpu", "lucchi_gpu", "lucchi_scarce_cpu",
+                                  "lucchi_noise_cpu"])
 def test_presets_load_with_todays_defaults(name):
     cfg = load_config(StudyConfig, ROOT / "configs" / "study" / f"{name}.yaml")
     if name in ("demo", "lucchi_gpu"):  # the new keys' defaults reproduce the earlier study
@@ -202,6 +204,24 @@ def test_presets_load_with_todays_defaults(name):
         scarce = [r for r in cfg.regimes if r.name in ("crop256", "1slice")]
         assert all(len(cfg.regime_seeds(r)) >= 5 for r in scarce)
         assert all(len(cfg.regime_seeds(r)) >= 3 for r in cfg.regimes)
+
+
+def test_noise_preset_is_lucchi_cpu_but_for_the_segmenters_noise_and_its_regimes():
+    """lucchi_noise_cpu.yaml asks one question (noise on half the segmenters' crops): drift
+    from lucchi_cpu.yaml in anything else would confound its comparison with that study."""
+    load = partial(load_config, StudyConfig)
+    base = load(ROOT / "configs" / "study" / "lucchi_cpu.yaml").model_dump()
+    noise = load(ROOT / "configs" / "study" / "lucchi_noise_cpu.yaml").model_dump()
+    assert (base["segment"]["augment"]["noise_prob"], noise["segment"]["augment"]["noise_prob"]) \
+        == (0.3, 0.5)
+    scarce = load(ROOT / "configs" / "study" / "lucchi_scarce_cpu.yaml").model_dump()
+    known = {r["name"]: r for r in scarce["regimes"] + base["regimes"]}  # the control: scarce's
+    assert [r["name"] for r in noise["regimes"]] == ["1slice", "1slice-2x", "2slices"]
+    assert all(r == known[r["name"]] for r in noise["regimes"])
+    for cfg in (base, noise):
+        cfg["segment"]["augment"].pop("noise_prob")
+        cfg.pop("regimes"), cfg.pop("name")
+    assert noise == base
 
 
 def test_synthetic_count_scales_with_the_regime_unless_the_regime_sets_it(tmp_path):
