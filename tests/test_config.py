@@ -98,7 +98,7 @@ def test_composed_augmentation_keeps_the_dumped_keys_study_cells_hash():
         "scale_range": 0.1, "procedural_domain": "ca1", "procedural_fit": True, "dropout": True,
         # added with the remodel layout; left out of the GAN cell key at these defaults
         "count_per_slice": None, "remodel_jitter": 4.0, "remodel_scale": 0.2,
-        "remodel_spacing": 20}
+        "remodel_spacing": 20, "pixel_noise": 0.0}  # and pixel noise, added later
     with pytest.raises(ValueError, match="scale_range"):
         SynthesisConfig(scale_range=1.0)
     assert set(MembraneSourceConfig().model_dump()) == {

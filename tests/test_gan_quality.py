@@ -31,13 +31,13 @@ from emsynth.gan.quality import (
     PSNR_CAP_DB,
     EncoderFeatures,
     _train_once,
+    estimate_pixel_noise,
     evaluate_generator,
     frechet_distance,
     grey_level_distance,
     kernel_inception_distance,
     lattice_score,
     local_std_distance,
-    pixel_noise,
     random_crops,
     region_windows,
     spectrum_distance,
@@ -246,7 +246,7 @@ def test_lattice_score_finds_a_regular_pattern_only_inside_its_region():
     assert math.isnan(lattice_score(noise, np.zeros_like(region)))
 
 
-def test_pixel_noise_recovers_the_noise_of_its_region_and_ignores_smooth_signal():
+def test_estimate_pixel_noise_recovers_the_noise_of_its_region_and_ignores_smooth_signal():
     """Gaussian noise of std 6 on a smooth ramp and a blurred blob reads as ~6; the noise-free
     signal as ~0; noise of std 20 outside the region does not leak in; no pixel = NaN."""
     rng = np.random.default_rng(0)
@@ -256,10 +256,10 @@ def test_pixel_noise_recovers_the_noise_of_its_region_and_ignores_smooth_signal(
     region = np.zeros((2, 96, 96), bool)
     region[:, 8:88, 8:60] = True
     noisy = smooth + np.where(region, rng.normal(0, 6, region.shape), rng.normal(0, 20, region.shape))
-    assert pixel_noise(noisy, region) == pytest.approx(6.0, rel=0.05)
-    assert pixel_noise(smooth, region) < 0.6
-    assert pixel_noise(noisy, ~region) > 15
-    assert math.isnan(pixel_noise(noisy, np.zeros_like(region)))
+    assert estimate_pixel_noise(noisy, region) == pytest.approx(6.0, rel=0.05)
+    assert estimate_pixel_noise(smooth, region) < 0.6
+    assert estimate_pixel_noise(noisy, ~region) > 15
+    assert math.isnan(estimate_pixel_noise(noisy, np.zeros_like(region)))
 
 
 def test_tstr_split_and_a_tiny_run(tmp_path):

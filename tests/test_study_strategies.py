@@ -197,7 +197,7 @@ def test_presets_load_with_todays_defaults(name):
         assert all(r.steps is None for r in cfg.regimes)
         assert runner.synthesis_settings(cfg) == cfg.synthesis.model_dump(
             mode="json", exclude={"remodel_spacing", "remodel_jitter", "remodel_scale",
-                                  "count_per_slice"})
+                                  "count_per_slice", "pixel_noise"})
     else:  # the redesigned CPU presets (issue 13): fixed budgets, BatchNorm on real crops
         assert all(r.steps is not None for r in cfg.regimes)
         assert cfg.mix.real_bn_stats and cfg.segment.model.norm == "batch"
@@ -237,6 +237,20 @@ def test_synthetic_count_scales_with_the_regime_unless_the_regime_sets_it(tmp_pa
     gans = [[p.cell.spec for p in plan if p.cell.spec.kind == "gan"] for plan in (plain, capped)]
     assert gans[0][0].key == gans[1][0].key and gans[0][1].key != gans[1][1].key
     assert gans[1][1].settings["synthetic_count"] == 5
+
+
+def test_pixel_noise_enters_the_gan_cell_key_only_when_set(tmp_path):
+    """synthesis.pixel_noise changes the synthetic images, so it must change the cell that
+    makes them; at its default (0) the cells of studies run before it keep their keys."""
+    data = {"conditions": ["real", "synthetic"]}
+    specs = {}
+    for noise in (0.0, 7.5):
+        plan = runner.plan_cells(config(**data, synthesis={"pixel_noise": noise}),
+                                 tmp_path / str(noise))
+        specs[noise] = [p.cell.spec for p in plan if p.cell.spec.kind == "gan"]
+    assert "pixel_noise" not in json.dumps([s.settings for s in specs[0.0]])
+    assert all(s.settings["synthesis"]["pixel_noise"] == 7.5 for s in specs[7.5])
+    assert not {s.key for s in specs[7.5]} & {s.key for s in specs[0.0]}
 
 
 def test_scarce_preset_plans_its_cells(tmp_path):

@@ -16,6 +16,7 @@ from emsynth.errors import EmsynthError
 from emsynth.gan.data import Conditioning
 from emsynth.gan.export import export_generator, load_generator
 from emsynth.gan.inference import (
+    add_pixel_noise,
     padding_for,
     synthesize_array,
     synthesize_volume,
@@ -151,6 +152,26 @@ def test_dropout_flag_and_seed(generator):
     assert all(m.training for m in generator.modules())
 
 
+def test_pixel_noise_adds_seeded_white_noise_of_its_std(generator):
+    """The added noise has the asked std (Immerkaer's estimate reads it back), is fixed by the
+    seed, differs between slices and seeds, and 0 leaves the generator's image as it was."""
+    from emsynth.gan.quality import estimate_pixel_noise
+
+    flat = np.full((2, 128, 128), 120, np.uint8)
+    noisy = add_pixel_noise(flat, 9.0, seed=3)
+    assert (noisy.astype(float) - 120).std() == pytest.approx(9.0, rel=0.03)
+    assert estimate_pixel_noise(noisy, np.ones(flat.shape, bool)) == pytest.approx(9.0, rel=0.05)
+    assert not np.array_equal(noisy[0], noisy[1])
+    np.testing.assert_array_equal(noisy, add_pixel_noise(flat, 9.0, seed=3))
+    assert not np.array_equal(noisy, add_pixel_noise(flat, 9.0, seed=4))
+    np.testing.assert_array_equal(add_pixel_noise(flat, 0.0, seed=3), flat)
+    volume = generate_volume("vnc", 1, (256, 256), seed=2)
+    clean = synthesize_volume(generator, volume, CONDITIONING, dropout=False).image
+    both = synthesize_volume(generator, volume, CONDITIONING, dropout=False, pixel_noise=6.0)
+    np.testing.assert_array_equal(both.image, add_pixel_noise(clean, 6.0, seed=0))
+    assert "pixel noise 6" in both.source
+
+
 def test_bf16_close_to_fp32(generator):
     masks = CONDITIONING.encode_slice(generate_volume("vnc", 1, (256, 512), seed=4), 0)[None]
     fp32 = synthesize_array(generator, masks, dropout=False, precision="fp32")
@@ -211,3 +232,12 @@ def test_cli_synthesize_from_phantom_masks(tmp_path, generator):
     res = runner.invoke(app, [*base, "-o", str(tmp_path / "o2")])
     assert isinstance(res.exception, EmsynthError) and "exactly one mask source" in str(
         res.exception)
+    # --pixel-noise: the same images with seeded noise on top; not yet blockwise
+    res = runner.invoke(app, [*base, "--phantom", "vnc", "--count", "2", "--size", "256",
+                              "--pixel-noise", "8", "-o", str(tmp_path / "noisy")])
+    assert res.exit_code == 0, res.output
+    noisy = read_volume(tmp_path / "noisy", "slices")
+    np.testing.assert_array_equal(noisy.image, add_pixel_noise(written.image, 8.0, seed=0))
+    res = runner.invoke(app, [*base, "--phantom", "vnc", "--pixel-noise", "8",
+                              "-o", str(tmp_path / "n.ome.zarr")])
+    assert isinstance(res.exception, EmsynthError) and "--pixel-noise" in str(res.exception)

@@ -71,6 +71,13 @@ def train_cmd(
     out.print(f"generator: {result['generator']}", highlight=False)
 
 
+PixelNoiseOpt = Annotated[
+    float, typer.Option("--pixel-noise", min=0.0, help="Add white Gaussian noise of this std "
+                        "(grey levels) to the synthetic images: the generator does not draw "
+                        "real slices' detector noise (gan evaluate's pixel-noise rows give both).")
+]
+
+
 @app.command("synthesize")
 def synthesize_cmd(
     model: Annotated[Path, typer.Option("--model", "-m", help="GAN run folder or its "
@@ -106,6 +113,7 @@ def synthesize_cmd(
     tile: TileOpt = None,
     whole_slice: WholeSliceOpt = False,
     overlap: OverlapOpt = 0.25,
+    pixel_noise: PixelNoiseOpt = 0.0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     block: BlockOpt = None,
@@ -150,6 +158,9 @@ def synthesize_cmd(
         if slices is not None:
             raise input_error("--slices", "does not apply to blockwise synthesis",
                               "drop --slices (blocks cover the whole volume)")
+        if pixel_noise:
+            raise input_error("--pixel-noise", "is not yet supported by blockwise synthesis",
+                              "drop it, or write a slice folder (OUT not ending in .zarr)")
     dev = resolve_device(device)
     generator, conditioning, meta = load_generator(model, dev)
     tiling = choose_tiling(model, meta, tile, whole_slice, overlap)
@@ -174,7 +185,8 @@ def synthesize_cmd(
                               num_shards, backend, scheduler)
         return
     synthetic = synthesize_volume(generator, volume, conditioning, dropout=dropout, seed=seed,
-                                  device=dev, precision=precision, progress=True, tiling=tiling)
+                                  device=dev, precision=precision, progress=True, tiling=tiling,
+                                  pixel_noise=pixel_noise)
     write_slice_folder(synthetic, out_dir)
     how = f"tiles of {tiling.tile} px" if tiling else "whole slices"
     out.print(f"wrote {len(synthetic)} synthetic slices to {out_dir} ({how}, conditioned on "
@@ -276,6 +288,7 @@ def evaluate_cmd(
     tile: TileOpt = None,
     whole_slice: WholeSliceOpt = False,
     overlap: OverlapOpt = 0.25,
+    pixel_noise: PixelNoiseOpt = 0.0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
 ) -> None:
@@ -288,7 +301,7 @@ def evaluate_cmd(
     cytoplasm and mitochondria), the grey-level Wasserstein-1 distance and, with --tstr-steps,
     TSTR (train on synthetic, test on real, as a ratio to the real-trained recipe). The
     synthetic slices are made as `emsynth gan synthesize` makes them: tiles of the training
-    crop, or one pass per slice with --whole-slice.
+    crop, or one pass per slice with --whole-slice, with --pixel-noise added if given.
     """
     import json
 
@@ -318,7 +331,8 @@ def evaluate_cmd(
                                 seed=seed, dropout=dropout, kid_subsets=kid_subsets,
                                 device=run_device, precision=precision,
                                 progress=True, tstr_steps=tstr_steps, tstr_config=recipe,
-                                tstr_dir=tstr_dir, tstr_cache=tstr_cache, tiling=tiling)
+                                tstr_dir=tstr_dir, tstr_cache=tstr_cache, tiling=tiling,
+                                pixel_noise=pixel_noise)
     table = Table(title=f"GAN quality on {scores['slices']} slices of {data}")
     table.add_column("metric")
     table.add_column("value", justify="right")

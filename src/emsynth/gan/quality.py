@@ -318,7 +318,7 @@ def lattice_score(stack: np.ndarray, region: np.ndarray, size: int = 32) -> floa
 _NOISE_KERNEL = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
 
 
-def pixel_noise(stack: np.ndarray, region: np.ndarray) -> float:
+def estimate_pixel_noise(stack: np.ndarray, region: np.ndarray) -> float:
     """Standard deviation (grey levels) of white pixel noise in a (z, y, x) stack, estimated
     inside the boolean `region` (pixels whose 3x3 neighbourhood lies in it) by Immerkaer's
     estimator: sqrt(pi / 2) / 6 * mean |image * kernel|. Texture finer than 3 px counts as
@@ -350,10 +350,10 @@ def texture_scores(volume: Volume, fake: np.ndarray, crops: int = 64, crop_size:
         "lattice_mito_real": lattice_score(volume.image, whole["mito"]),
         "lattice_cytoplasm": lattice_score(fake, whole["cytoplasm"]),
         "lattice_cytoplasm_real": lattice_score(volume.image, whole["cytoplasm"]),
-        "pixel_noise_cytoplasm": pixel_noise(fake, whole["cytoplasm"]),
-        "pixel_noise_cytoplasm_real": pixel_noise(volume.image, whole["cytoplasm"]),
-        "pixel_noise_mito": pixel_noise(fake, whole["mito"]),
-        "pixel_noise_mito_real": pixel_noise(volume.image, whole["mito"]),
+        "pixel_noise_cytoplasm": estimate_pixel_noise(fake, whole["cytoplasm"]),
+        "pixel_noise_cytoplasm_real": estimate_pixel_noise(volume.image, whole["cytoplasm"]),
+        "pixel_noise_mito": estimate_pixel_noise(fake, whole["mito"]),
+        "pixel_noise_mito_real": estimate_pixel_noise(volume.image, whole["mito"]),
     }
 
 
@@ -400,6 +400,7 @@ def evaluate_generator(
     tstr_dir: str | Path | None = None,
     tstr_cache: str | Path | None = None,
     tiling: Tiling | None = None,
+    pixel_noise: float = 0.0,
 ) -> dict[str, Any]:
     """Synthesise an image for every mask slice of `volume` and score it against the real one.
 
@@ -410,7 +411,8 @@ def evaluate_generator(
     tstr_steps > 0 adds TSTR (see `tstr`; tstr_config: its SegmentConfig recipe, tstr_dir:
     where its two segmenters are kept, a temporary folder when None; tstr_cache: where the
     real-trained reference is kept and reused across generators, see `tstr`). tiling: how
-    the synthetic slices are made, as `emsynth gan synthesize` (None = whole slices).
+    the synthetic slices are made, as `emsynth gan synthesize` (None = whole slices);
+    pixel_noise: std (grey levels) of the white noise added to them (`synthesize_volume`).
     """
     device = torch.device(device)
     if MITO not in volume.labels:
@@ -423,7 +425,7 @@ def evaluate_generator(
         job = bar.add_task("synthesising", total=6)
         synthetic = synthesize_volume(generator, volume, conditioning, dropout=dropout,
                                       seed=seed, device=device, precision=precision,
-                                      tiling=tiling)
+                                      tiling=tiling, pixel_noise=pixel_noise)
         bar.update(job, advance=1, description="segmenting real")
         fcn_real = fcn_iou(segmenter, volume, device, precision)
         bar.update(job, advance=1, description="segmenting synthetic")
@@ -485,6 +487,7 @@ def evaluate_generator(
         "dropout": dropout,
         "synthesis": f"tiles of {tiling.tile} px, overlap {tiling.overlap}" if tiling
         else "whole slices",
+        "pixel_noise_added": pixel_noise,
         "generator": str(generator_path),
         "segmenter": str(segmenter_path),
         "data": volume.source,

@@ -263,7 +263,8 @@ def run_gan(cell: Cell, cfg: StudyConfig, real: Volume, seed: int, device: torch
                                                        seed, s)
         volume = mask_sources.mask_volume(masks, mask_source)
         synthetic = synthesize_volume(generator, volume, conditioning, dropout=s.dropout,
-                                      seed=seed, device=device, precision=precision)
+                                      seed=seed, device=device, precision=precision,
+                                      pixel_noise=s.pixel_noise)
         folder = synthetic_dir(layout, main)
         write_slice_folder(synthetic, cell.dir / folder)
         save_preview(cell.dir / layout_preview(layout, main), **preview_of(synthetic, channels))

@@ -221,6 +221,10 @@ class SynthesisConfig(WarpConfig):
         "membrane density) to the regime's own masks first.",
     )
     dropout: bool = Field(True, description="Keep generator dropout on (pix2pix's noise).")
+    pixel_noise: float = Field(
+        0.0, ge=0, description="Std (grey levels) of white noise added to the synthetic images "
+        "(emsynth.gan.inference.add_pixel_noise): the generator does not draw real slices' "
+        "detector noise. 0 = none.")
 
 
 class MixConfig(StrictModel):

@@ -253,7 +253,7 @@ def gan_settings(gan_cfg: GanConfig) -> dict[str, Any]:
 #: SynthesisConfig fields added after the first studies ran, with the values that reproduce
 #: them: left out of the GAN cell's key while at these values, so earlier results stay valid.
 _NEW_SYNTHESIS_FIELDS = {"remodel_spacing": 20, "remodel_jitter": 4.0, "remodel_scale": 0.2,
-                         "count_per_slice": None}
+                         "count_per_slice": None, "pixel_noise": 0.0}
 
 
 def synthesis_settings(cfg: StudyConfig) -> dict[str, Any]:
