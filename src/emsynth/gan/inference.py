@@ -233,6 +233,11 @@ def check_conditioning(generator: nn.Module, conditioning: Conditioning, where: 
         )
 
 
+#: Tags the pixel-noise random stream ("nois"), so it never coincides with a stream seeded by
+#: (seed, z) alone elsewhere.
+_PIXEL_NOISE_STREAM = 0x6E6F6973
+
+
 def add_pixel_noise(image: np.ndarray, sigma: float, seed: int) -> np.ndarray:
     """uint8 (z, y, x) `image` plus white Gaussian noise of `sigma` grey levels, rounded and
     clipped; slice z's noise comes from (seed, z), so it does not depend on the other slices."""
@@ -240,7 +245,7 @@ def add_pixel_noise(image: np.ndarray, sigma: float, seed: int) -> np.ndarray:
         return image
     noisy = np.empty_like(image)
     for z, plane in enumerate(image):
-        noise = np.random.default_rng([seed, z, 0x6E6F6973]).normal(0.0, sigma, plane.shape)
+        noise = np.random.default_rng([seed, z, _PIXEL_NOISE_STREAM]).normal(0.0, sigma, plane.shape)
         noisy[z] = np.clip(np.rint(plane + noise), 0, 255)
     return noisy
 
