@@ -20,12 +20,16 @@ app = typer.Typer(
 )
 
 
+def _wide_unless_terminal(console: Console) -> Console:
+    """A log file gets a wide console, so that a table's rows stay on one line each."""
+    return console if console.is_terminal else Console(width=200)
+
+
 def _print_report(study_dir: Path, console: Console) -> None:
     from emsynth.report import build_report, headline
 
     results, html_path, md_path = build_report(study_dir)
-    if not console.is_terminal:  # a log file: keep the table's rows on one line each
-        console = Console(width=200)
+    console = _wide_unless_terminal(console)
     console.print(headline(results))
     from emsynth.report.answer import answer
 
@@ -188,11 +192,13 @@ def compare_cmd(
 
     from emsynth.errors import EmsynthError
     from emsynth.report import load_results
+    from emsynth.report.collect import METRICS
     from emsynth.report.compare import compare_studies
     from emsynth.report.stats import p_text
 
-    if metric not in ("iou", "dice"):
-        raise EmsynthError(f"--metric {metric!r} is not a test metric. Fix: pass iou or dice")
+    if metric not in METRICS:
+        raise EmsynthError(f"--metric {metric!r} is not a test metric. Fix: pass one of "
+                           f"{', '.join(METRICS)}")
     a, b = load_results(study_a), load_results(study_b)
     rows, skipped = compare_studies(a, b, metric)
     table = Table(title=f"test {metric}: {study_b} − {study_a}, paired over seeds")
@@ -203,7 +209,7 @@ def compare_cmd(
         interval = "" if d.low is None else f" [{d.low:+.3f}, {d.high:+.3f}]"
         table.add_row(row.regime, row.condition, row.a.text(), row.b.text(),
                       f"{d.mean:+.3f}{interval}", p_text(d.p), p_text(row.p_holm))
-    console = Console() if Console().is_terminal else Console(width=200)
+    console = _wide_unless_terminal(Console())
     console.print(table)
     if not rows:
         console.print("no regime and condition scored in both studies", highlight=False)

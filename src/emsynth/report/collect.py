@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from emsynth.errors import input_error
-from emsynth.report.stats import Summary, holm, paired_difference, summarize
+from emsynth.report.stats import Summary, holm_tested, paired_difference, summarize
 from emsynth.study.layout import (
     CELLS_DIR,
     DONE,
@@ -124,9 +124,9 @@ class StudyResults:
         keys = [(r, b, a) for r in self.regimes for b, a in self.differences]
         keys += [(r, c, REAL) for r, c in self.variants if REAL in self.conditions]
         differences = {k: self.difference(metric, k[0], k[1], k[2]) for k in keys}
-        tested = [k for k, d in differences.items() if d.p is not None]
-        adjusted = dict(zip(tested, holm([differences[k].p for k in tested]), strict=True))
-        return {k: Comparison(*k, d, adjusted.get(k)) for k, d in differences.items()}
+        adjusted = holm_tested([d.p for d in differences.values()])
+        return {k: Comparison(*k, d, p)
+                for (k, d), p in zip(differences.items(), adjusted, strict=True)}
 
     @property
     def missing(self) -> int:

@@ -9,11 +9,11 @@ both studies scored the same test volume and drew the same data for the regime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from emsynth.errors import input_error
 from emsynth.report.collect import StudyResults
-from emsynth.report.stats import Summary, holm, paired_difference, summarize
+from emsynth.report.stats import Summary, holm_tested, paired_difference, summarize
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,8 @@ def compare_studies(a: StudyResults, b: StudyResults,
             regime, condition, summarize([a_scores[s] for s in seeds]),
             summarize([b_scores[s] for s in seeds]),
             paired_difference(a_scores, b_scores), None))
-    tested = [i for i, row in enumerate(rows) if row.difference.p is not None]
-    adjusted = holm([rows[i].difference.p for i in tested])
-    for i, p in zip(tested, adjusted):
-        row = rows[i]
-        rows[i] = RecipeDifference(row.regime, row.condition, row.a, row.b, row.difference, p)
+    adjusted = holm_tested([row.difference.p for row in rows])
+    rows = [replace(row, p_holm=p) for row, p in zip(rows, adjusted, strict=True)]
     order = {name: k for k, name in enumerate(b.regimes)}
     rows.sort(key=lambda r: (order.get(r.regime, len(order)), r.condition))
     return rows, skipped

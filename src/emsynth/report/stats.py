@@ -113,6 +113,14 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
+def holm_tested(p_values: Sequence[float | None]) -> list[float | None]:
+    """`holm` over the p-values that exist, in the input order; None (a comparison without a
+    p: fewer than 2 seeds) stays None and does not count as a comparison."""
+    tested = [i for i, p in enumerate(p_values) if p is not None]
+    adjusted = dict(zip(tested, holm([p_values[i] for i in tested]), strict=True))
+    return [adjusted.get(i) for i in range(len(p_values))]
+
+
 def p_text(p: float | None) -> str:
     """A p-value as the report prints it: 3 decimals, "< 0.001", or "n/a" (None)."""
     if p is None:
